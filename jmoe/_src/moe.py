@@ -1,0 +1,341 @@
+"""`moe_ffn`: the whole MoE layer as one pure function.
+
+route -> permute (prefix-sum dispatch) -> expert FFN (grouped matmuls) -> unpermute
+(weighted combine) [+ shared experts], returning the output and an auxiliary record
+of losses and metrics.
+
+Shapes: T tokens, D d_model, F expert hidden width, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jmoe._src import checks
+from jmoe._src import permute as permute_lib
+from jmoe._src import routing as routing_lib
+from jmoe._src.gmm.api import gmm
+
+Array = jax.Array
+
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+GLU = ("swiglu", "geglu")
+
+
+def _gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+_ACT = {"swiglu": jax.nn.silu, "geglu": _gelu, "gelu": _gelu, "relu": jax.nn.relu}
+
+
+def is_glu(activation: str) -> bool:
+  return activation in GLU
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FFNParams:
+  """A dense feed-forward block (a shared expert, or a dense layer).
+
+  w_up: [D, F]; w_down: [F, D]; w_gate: [D, F] for GLU activations, else None.
+  The hidden state is act(x @ w_gate) * (x @ w_up) (GLU) or act(x @ w_up).
+  """
+
+  w_up: Array
+  w_down: Array
+  w_gate: Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoEParams:
+  """Parameters of one MoE layer.
+
+  Attributes:
+    router: [D, E] router weight (logits = x @ router, computed in float32).
+    w_up: [E, D, F] expert up projections.
+    w_down: [E, F, D] expert down projections.
+    w_gate: [E, D, F] expert gate projections (GLU activations), else None.
+    router_bias: optional [E] selection-only bias (aux-loss-free balancing).
+    shared: optional `FFNParams` of the always-on shared expert(s); several shared
+      experts are one FFN of their summed width.
+    shared_gate: optional [D, 1]: the shared output is scaled by
+      sigmoid(x @ shared_gate) per token (Qwen2-MoE).
+  """
+
+  router: Array
+  w_up: Array
+  w_down: Array
+  w_gate: Array | None = None
+  router_bias: Array | None = None
+  shared: FFNParams | None = None
+  shared_gate: Array | None = None
+
+  @property
+  def num_experts(self) -> int:
+    return self.w_up.shape[0]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+  """Static configuration of an MoE layer. Plain data: frozen and hashable.
+
+  Attributes:
+    router: the `RouterConfig` (top_k, scores, grouping, noise, ...).
+    activation: expert FFN kind: "swiglu", "geglu" (GLU: needs `w_gate`), "gelu" or
+      "relu" (the seed's ReLU(x W1) W2).
+    capacity_factor: None for dropless token choice (no token is ever dropped).
+      A float turns on capacity mode: each expert keeps at most
+      ceil(capacity_factor * T * k / E) (token, slot) pairs in token order and the
+      rest are dropped (zero expert output). Expert choice uses it to size each
+      expert's pick (default 1.0).
+    gmm_implementation: backend of the grouped matmuls (see `jmoe.gmm`).
+  """
+
+  router: routing_lib.RouterConfig = routing_lib.RouterConfig()
+  activation: Literal["swiglu", "geglu", "gelu", "relu"] = "swiglu"
+  capacity_factor: float | None = None
+  gmm_implementation: str | None = None
+
+  def __post_init__(self):
+    checks.check_choice("MoEConfig", "activation", self.activation, ACTIVATIONS)
+    if not isinstance(self.router, routing_lib.RouterConfig):
+      raise TypeError(
+          f"MoEConfig: `router` must be a RouterConfig; got {type(self.router)}.")
+    if self.capacity_factor is not None and not self.capacity_factor > 0:
+      raise ValueError(
+          "MoEConfig: `capacity_factor` must be > 0 (or None for dropless); got"
+          f" {self.capacity_factor}.")
+
+  @property
+  def top_k(self) -> int:
+    return self.router.top_k
+
+  def capacity(self, num_tokens: int, num_experts: int) -> int | None:
+    """The static per-expert capacity for a batch of `num_tokens` tokens."""
+    cf = self.capacity_factor
+    if self.router.kind == "expert_choice":
+      cf = 1.0 if cf is None else cf
+    if cf is None:
+      return None
+    return routing_lib.expert_capacity(num_tokens, num_experts, self.top_k, cf)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoEAux:
+  """Losses and metrics of one MoE call (all float32 / int32 arrays).
+
+  Attributes:
+    balance_loss: [] Switch/GShard load-balancing loss (1.0 when uniform).
+    z_loss: [] router z-loss.
+    tokens_per_expert: int32 [E] (token, slot) pairs routed to each expert, before
+      capacity: the load to feed `update_expert_bias`.
+    dropped_fraction: [] share of the T*k pairs dropped for capacity.
+    router_entropy: [] mean entropy (nats) of the router distribution.
+    nonfinite_tokens: int32 [] tokens whose router logits held NaN or +inf (their
+      outputs are NaN; see `route`).
+  """
+
+  balance_loss: Array
+  z_loss: Array
+  tokens_per_expert: Array
+  dropped_fraction: Array
+  router_entropy: Array
+  nonfinite_tokens: Array
+
+
+def ffn(x: Array, params: FFNParams, activation: str) -> Array:
+  """A dense FFN on [..., D] (float32 accumulation, output in x.dtype)."""
+  dt = x.dtype
+  act = _ACT[activation]
+  up = jnp.dot(x, params.w_up.astype(dt), preferred_element_type=jnp.float32)
+  if is_glu(activation):
+    gate = jnp.dot(x, params.w_gate.astype(dt), preferred_element_type=jnp.float32)
+    h = act(gate) * up
+  else:
+    h = act(up)
+  out = jnp.dot(h.astype(dt), params.w_down.astype(dt),
+                preferred_element_type=jnp.float32)
+  return out.astype(dt)
+
+
+def expert_ffn(rows: Array, w_up: Array, w_down: Array, w_gate: Array | None,
+               group_sizes: Array, activation: str, *,
+               implementation: str | None = None,
+               group_offset: Array | None = None) -> Array:
+  """Every expert's FFN on its rows: [R, D] -> [R, D] through grouped matmuls."""
+  dt = rows.dtype
+  act = _ACT[activation]
+  mm = lambda a, w: gmm(a, w.astype(dt), group_sizes,
+                        preferred_element_type=jnp.float32,
+                        group_offset=group_offset, implementation=implementation)
+  up = mm(rows, w_up)
+  h = act(mm(rows, w_gate)) * up if is_glu(activation) else act(up)
+  return mm(h.astype(dt), w_down).astype(dt)
+
+
+def check_params(fn: str, x: Array, params: MoEParams, activation: str) -> None:
+  """Static shape/dtype checks of `x` and `params`."""
+  checks.check_min_rank(fn, "x", x, 2, "[..., d_model]")
+  checks.check_floating(fn, "x", x)
+  d = x.shape[-1]
+  checks.check_rank(fn, "params.router", params.router, 2, "[d_model, experts]")
+  checks.check_rank(fn, "params.w_up", params.w_up, 3, "[experts, d_model, d_ff]")
+  checks.check_rank(fn, "params.w_down", params.w_down, 3,
+                    "[experts, d_ff, d_model]")
+  e, d_up, f = params.w_up.shape
+  if params.router.shape != (d, e):
+    raise ValueError(
+        f"{fn}: `params.router` must have shape [d_model, experts]=({d}, {e})"
+        f" (d_model from x {x.shape}, experts from w_up {params.w_up.shape}); got"
+        f" {params.router.shape}.")
+  if d_up != d:
+    raise ValueError(
+        f"{fn}: d_model mismatch: x [..., d_model] has d_model={d} but"
+        f" `params.w_up` [experts, d_model, d_ff] has {d_up}.")
+  if params.w_down.shape != (e, f, d):
+    raise ValueError(
+        f"{fn}: `params.w_down` must have shape [experts, d_ff, d_model]=({e}, {f},"
+        f" {d}); got {params.w_down.shape}.")
+  if is_glu(activation):
+    if params.w_gate is None or params.w_gate.shape != (e, d, f):
+      got = None if params.w_gate is None else params.w_gate.shape
+      raise ValueError(
+          f"{fn}: activation {activation!r} needs `params.w_gate` of shape"
+          f" [experts, d_model, d_ff]=({e}, {d}, {f}); got {got}.")
+  if params.router_bias is not None and params.router_bias.shape != (e,):
+    raise ValueError(
+        f"{fn}: `params.router_bias` must have shape [experts]=({e},); got"
+        f" {params.router_bias.shape}.")
+  if params.shared is not None:
+    s = params.shared
+    checks.check_rank(fn, "params.shared.w_up", s.w_up, 2, "[d_model, d_shared]")
+    if s.w_up.shape[0] != d or s.w_down.shape != (s.w_up.shape[1], d):
+      raise ValueError(
+          f"{fn}: shared expert must be w_up [d_model, d_shared], w_down"
+          f" [d_shared, d_model] with d_model={d}; got {s.w_up.shape},"
+          f" {s.w_down.shape}.")
+    if is_glu(activation) and (s.w_gate is None or s.w_gate.shape != s.w_up.shape):
+      raise ValueError(
+          f"{fn}: activation {activation!r} needs `params.shared.w_gate` of shape"
+          f" {s.w_up.shape}.")
+  if params.shared_gate is not None:
+    if params.shared is None:
+      raise ValueError(f"{fn}: `params.shared_gate` given without `params.shared`.")
+    if params.shared_gate.shape != (d, 1):
+      raise ValueError(
+          f"{fn}: `params.shared_gate` must have shape [d_model, 1]=({d}, 1); got"
+          f" {params.shared_gate.shape}.")
+
+
+def router_logits(x: Array, router: Array) -> Array:
+  """float32 [T, E] = x @ router, in float32 whatever the activation dtype."""
+  return jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
+
+
+def route_tokens(x: Array, params: MoEParams, config: MoEConfig,
+                 key: Array | None = None):
+  """Router logits and routing decisions for flat tokens x [T, D]."""
+  logits = router_logits(x, params.router)
+  capacity = config.capacity(x.shape[0], params.num_experts)
+  routing = routing_lib.route(
+      logits, config.router, bias=params.router_bias, key=key,
+      capacity=capacity if config.router.kind == "expert_choice" else None)
+  return routing, capacity
+
+
+def make_aux(routing, plan: permute_lib.DispatchPlan) -> MoEAux:
+  """Losses and metrics from a routing and its dispatch plan."""
+  if isinstance(routing, routing_lib.Routing):
+    balance = routing_lib.load_balancing_loss(routing.probs, routing.experts)
+    slots = routing.experts.size
+  else:
+    balance = jnp.zeros((), jnp.float32)  # expert choice is balanced by design
+    slots = routing.tokens.size
+  nonfinite = jnp.any(jnp.isnan(routing.logits) | (routing.logits == jnp.inf),
+                      axis=-1)
+  return MoEAux(
+      balance_loss=balance,
+      z_loss=routing_lib.router_z_loss(routing.logits),
+      tokens_per_expert=plan.expert_load,
+      dropped_fraction=plan.num_dropped.astype(jnp.float32) / max(slots, 1),
+      router_entropy=routing_lib.router_entropy(routing.probs),
+      nonfinite_tokens=jnp.sum(nonfinite, dtype=jnp.int32))
+
+
+def shared_output(x: Array, params: MoEParams, activation: str) -> Array:
+  """The shared expert(s) on x [T, D], gated if `params.shared_gate` is set."""
+  out = ffn(x, params.shared, activation)
+  if params.shared_gate is not None:
+    gate = jax.nn.sigmoid(router_logits(x, params.shared_gate))
+    out = (out.astype(jnp.float32) * gate).astype(x.dtype)
+  return out
+
+
+def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
+            key: Array | None = None) -> tuple[Array, MoEAux]:
+  """The MoE layer: a drop-in replacement for a dense FFN.
+
+  Args:
+    x: [..., D] activations (float32 or bfloat16); leading dims are flattened
+      into tokens.
+    params: `MoEParams`.
+    config: `MoEConfig` (default: top-2 softmax routing, SwiGLU, dropless).
+    key: PRNG key for router jitter/noise (training); None disables noise.
+
+  Returns:
+    y: [..., D] in x.dtype.
+    aux: `MoEAux` with the losses and metrics of this call.
+  """
+  fn = "moe_ffn"
+  config = MoEConfig() if config is None else config
+  check_params(fn, x, params, config.activation)
+  config.router.validate(params.num_experts, fn)
+  shape = x.shape
+  xt = x.reshape(-1, shape[-1])
+  routing, capacity = route_tokens(xt, params, config, key)
+  if config.router.kind == "expert_choice":
+    rows, plan = permute_lib.permute(xt, routing)
+  else:
+    rows, plan = permute_lib.permute(xt, routing, capacity=capacity)
+  out_rows = expert_ffn(rows, params.w_up, params.w_down, params.w_gate,
+                        plan.group_sizes, config.activation,
+                        implementation=config.gmm_implementation)
+  y = permute_lib.unpermute(out_rows, plan, routing.weights)
+  if params.shared is not None:
+    y = y + shared_output(xt, params, config.activation)
+  return y.reshape(shape), make_aux(routing, plan)
+
+
+def init_params(key: Array, d_model: int, d_ff: int, num_experts: int, *,
+                activation: str = "swiglu", shared_d_ff: int = 0,
+                shared_gate: bool = False, router_bias: bool = False,
+                dtype=jnp.float32) -> MoEParams:
+  """Random `MoEParams` (fan-in scaled normal), handy for tests and examples."""
+  checks.check_choice("init_params", "activation", activation, ACTIVATIONS)
+  ks = jax.random.split(key, 8)
+  glu = is_glu(activation)
+  n = lambda k, shape, fan_in: (jax.random.normal(k, shape, jnp.float32)
+                                / jnp.sqrt(fan_in)).astype(dtype)
+  shared = None
+  if shared_d_ff:
+    shared = FFNParams(
+        w_up=n(ks[4], (d_model, shared_d_ff), d_model),
+        w_down=n(ks[5], (shared_d_ff, d_model), shared_d_ff),
+        w_gate=n(ks[6], (d_model, shared_d_ff), d_model) if glu else None)
+  return MoEParams(
+      router=n(ks[0], (d_model, num_experts), d_model),
+      w_up=n(ks[1], (num_experts, d_model, d_ff), d_model),
+      w_down=n(ks[2], (num_experts, d_ff, d_model), d_ff),
+      w_gate=n(ks[3], (num_experts, d_model, d_ff), d_model) if glu else None,
+      router_bias=jnp.zeros((num_experts,), jnp.float32) if router_bias else None,
+      shared=shared,
+      shared_gate=n(ks[7], (d_model, 1), d_model) if (shared_d_ff and shared_gate)
+      else None)
