@@ -298,6 +298,34 @@ def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
   config = MoEConfig() if config is None else config
   check_params(fn, x, params, config.activation)
   config.router.validate(params.num_experts, fn)
+  explicit = _explicit_axes(x)
+  if explicit:
+    # Sharding-in-types (jax.make_mesh's default Explicit axes): the dispatch is a
+    # global operation over tokens, so let the compiler partition the body (GSPMD)
+    # and hand back y with x's sharding. Expert parallelism with explicit
+    # collectives is jmoe.parallel.
+    out_sharding = (jax.typeof(x).sharding.spec,
+                    MoEAux(*([jax.sharding.PartitionSpec()] * 6)))
+    body = lambda x, params: _moe_ffn(x, params, config, key)
+    return jax.sharding.auto_axes(body, axes=explicit,
+                                  out_sharding=out_sharding)(x, params)
+  return _moe_ffn(x, params, config, key)
+
+
+def _explicit_axes(x: Array) -> tuple[str, ...]:
+  """Mesh axes of Explicit type in x's sharding (sharding in types), if any."""
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+  except AttributeError:
+    return ()
+  if mesh is None or getattr(mesh, "empty", True):
+    return ()
+  return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
+               if t == jax.sharding.AxisType.Explicit)
+
+
+def _moe_ffn(x: Array, params: MoEParams, config: MoEConfig,
+             key: Array | None) -> tuple[Array, MoEAux]:
   shape = x.shape
   xt = x.reshape(-1, shape[-1])
   routing, capacity = route_tokens(xt, params, config, key)

@@ -1,0 +1,180 @@
+"""moe_ffn against the dense oracle: values and gradients, every variant."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jmoe
+from tests import oracle
+from tests.utils import assert_rel, assert_tree_rel
+
+T, D, F, E = 24, 16, 32, 8
+
+ROUTERS = {
+    "softmax_topk": jmoe.RouterConfig(top_k=2),
+    "softmax_topk_norm": jmoe.RouterConfig(top_k=3, normalize=True),
+    "topk_softmax": jmoe.RouterConfig(top_k=2, order="topk_softmax"),
+    "sigmoid_bias_scaled": jmoe.RouterConfig(
+        top_k=2, score="sigmoid", normalize=True, routed_scaling_factor=2.5),
+    "grouped_max": jmoe.RouterConfig(top_k=2, num_groups=4, top_groups=2),
+    "grouped_top2_sigmoid": jmoe.RouterConfig(
+        top_k=3, score="sigmoid", num_groups=4, top_groups=2,
+        group_score="top2_sum", normalize=True),
+    "top1": jmoe.RouterConfig(top_k=1),
+    "all_experts": jmoe.RouterConfig(top_k=E),
+    "expert_choice": jmoe.RouterConfig(top_k=2, kind="expert_choice"),
+}
+
+
+def make(key, activation="swiglu", shared=False, gate=False, bias=False,
+         dtype=jnp.float32):
+  kp, kx, kb = jax.random.split(key, 3)
+  params = jmoe.init_params(kp, D, F, E, activation=activation,
+                            shared_d_ff=8 if shared else 0, shared_gate=gate,
+                            router_bias=bias, dtype=dtype)
+  if bias:
+    params = dataclasses.replace(
+        params, router_bias=0.3 * jax.random.normal(kb, (E,)))
+  x = jax.random.normal(kx, (2, T // 2, D), dtype)
+  return x, params
+
+
+def check_against_oracle(x, params, config, grads=True):
+  keep = oracle.oracle_keep(x, params, config)
+  y, aux = jax.jit(jmoe.moe_ffn, static_argnums=2)(x, params, config)
+  y_ref = jax.jit(lambda x, p: oracle.oracle_moe(x, p, config, keep=keep)[0])(
+      x, params)
+  assert_rel(y, y_ref, x.dtype, "moe_ffn vs oracle")
+  if not grads:
+    return aux
+
+  def loss(fn, x, params):
+    y = fn(x, params)
+    # A fixed random cotangent so every output element matters.
+    c = jax.random.normal(jax.random.key(7), y.shape, jnp.float32)
+    return jnp.sum(y.astype(jnp.float32) * c)
+
+  ours = lambda x, p: jmoe.moe_ffn(x, p, config)[0]
+  ref = lambda x, p: oracle.oracle_moe(x, p, config, keep=keep)[0]
+  g = jax.jit(jax.grad(lambda x, p: loss(ours, x, p), argnums=(0, 1)))(x, params)
+  g_ref = jax.jit(jax.grad(lambda x, p: loss(ref, x, p), argnums=(0, 1)))(x, params)
+  g = (g[0], dataclasses.replace(g[1], router_bias=None))
+  g_ref = (g_ref[0], dataclasses.replace(g_ref[1], router_bias=None))
+  assert_tree_rel(g, g_ref, x.dtype, "grad ")
+  return aux
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_routing_variants_match_oracle(name):
+  router = ROUTERS[name]
+  bias = name == "sigmoid_bias_scaled"
+  x, params = make(jax.random.key(hash(name) % 1000), bias=bias)
+  check_against_oracle(x, params, jmoe.MoEConfig(router=router))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
+@pytest.mark.parametrize("shared,gate", [(False, False), (True, False), (True, True)])
+def test_activations_and_shared_experts(activation, shared, gate):
+  x, params = make(jax.random.key(3), activation=activation, shared=shared, gate=gate)
+  check_against_oracle(x, params, jmoe.MoEConfig(activation=activation),
+                       grads=(activation == "swiglu" or shared))
+
+
+@pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0, 2.0])
+def test_capacity_mode_drops_like_the_oracle(capacity_factor):
+  x, params = make(jax.random.key(11))
+  config = jmoe.MoEConfig(capacity_factor=capacity_factor)
+  aux = check_against_oracle(x, params, config)
+  keep = oracle.oracle_keep(x, params, config)
+  expected = 1.0 - keep.mean()
+  np.testing.assert_allclose(float(aux.dropped_fraction), expected, rtol=0, atol=1e-7)
+  if capacity_factor <= 0.5:
+    assert expected > 0, "this case must actually drop tokens"
+
+
+def test_expert_choice_with_capacity_factor():
+  x, params = make(jax.random.key(5))
+  config = jmoe.MoEConfig(router=ROUTERS["expert_choice"], capacity_factor=0.5)
+  aux = check_against_oracle(x, params, config)
+  cap = config.capacity(T, E)
+  np.testing.assert_array_equal(np.asarray(aux.tokens_per_expert), [cap] * E)
+
+
+def test_bfloat16_activations():
+  x, params = make(jax.random.key(9), dtype=jnp.bfloat16)
+  check_against_oracle(x, params, jmoe.MoEConfig(), grads=False)
+
+
+def test_aux_metrics():
+  x, params = make(jax.random.key(1))
+  config = jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2))
+  y, aux = jmoe.moe_ffn(x, params, config)
+  xt = x.reshape(-1, D)
+  logits = np.asarray(xt, np.float64) @ np.asarray(params.router, np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  top = np.argsort(-p, axis=-1)[:, :2]
+  counts = np.bincount(top.ravel(), minlength=E)
+  np.testing.assert_array_equal(np.asarray(aux.tokens_per_expert), counts)
+  f = counts / top.size
+  np.testing.assert_allclose(float(aux.balance_loss), E * np.sum(f * p.mean(0)), rtol=1e-5)
+  lse = np.log(np.exp(logits).sum(-1))
+  np.testing.assert_allclose(float(aux.z_loss), np.mean(lse**2), rtol=1e-5)
+  np.testing.assert_allclose(float(aux.router_entropy),
+                             -np.mean(np.sum(p * np.log(p), -1)), rtol=1e-5)
+  assert float(aux.dropped_fraction) == 0.0
+  assert int(aux.nonfinite_tokens) == 0
+
+
+def test_bitwise_determinism():
+  x, params = make(jax.random.key(2), shared=True, gate=True)
+  config = jmoe.MoEConfig(capacity_factor=1.0)
+  f = jax.jit(jax.value_and_grad(
+      lambda x, p: jnp.sum(jmoe.moe_ffn(x, p, config)[0] ** 2), argnums=(0, 1)))
+  a = f(x, params)
+  b = f(x, params)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.asarray(u).tobytes() == np.asarray(v).tobytes()
+  # A second trace of the same function gives the same bits too.
+  c = jax.jit(jax.value_and_grad(
+      lambda x, p: jnp.sum(jmoe.moe_ffn(x, p, config)[0] ** 2), argnums=(0, 1)))(x, params)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
+    assert np.asarray(u).tobytes() == np.asarray(v).tobytes()
+
+
+def test_router_noise_needs_a_key_and_changes_routing():
+  x, params = make(jax.random.key(4))
+  config = jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2, noise_std=5.0))
+  y0, _ = jmoe.moe_ffn(x, params, config)  # no key: evaluation, no noise
+  y_clean, _ = jmoe.moe_ffn(x, params, jmoe.MoEConfig())
+  np.testing.assert_array_equal(np.asarray(y0), np.asarray(y_clean))
+  y1, _ = jmoe.moe_ffn(x, params, config, key=jax.random.key(0))
+  y2, _ = jmoe.moe_ffn(x, params, config, key=jax.random.key(0))
+  y3, _ = jmoe.moe_ffn(x, params, config, key=jax.random.key(1))
+  np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+  assert not np.allclose(np.asarray(y1), np.asarray(y0))
+  assert not np.allclose(np.asarray(y1), np.asarray(y3))
+  # With the same key, the oracle sees the same noisy routing.
+  y_ref, _ = oracle.oracle_moe(x, params, config, key=jax.random.key(0))
+  assert_rel(y1, y_ref, jnp.float32, "noisy moe vs oracle")
+
+
+def test_router_bias_changes_selection_not_weights():
+  x, params = make(jax.random.key(6), bias=True)
+  config = jmoe.MoEConfig(router=ROUTERS["sigmoid_bias_scaled"])
+  xt = x.reshape(-1, D)
+  logits = jmoe._src.moe.router_logits(xt, params.router)
+  r_bias = jmoe.route(logits, config.router, bias=params.router_bias)
+  r_none = jmoe.route(logits, config.router)
+  assert not np.array_equal(np.asarray(r_bias.experts), np.asarray(r_none.experts))
+  # Weights are the unbiased scores of the chosen experts, renormalised and scaled.
+  s = jax.nn.sigmoid(logits)
+  w = jnp.take_along_axis(s, r_bias.experts, -1)
+  w = 2.5 * w / w.sum(-1, keepdims=True)
+  assert_rel(r_bias.weights, w, jnp.float32, "biased weights")
+  # No gradient flows into the bias.
+  g = jax.grad(lambda p: jnp.sum(jmoe.moe_ffn(x, p, config)[0]))(params)
+  assert float(jnp.abs(g.router_bias).sum()) == 0.0
