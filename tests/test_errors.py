@@ -98,3 +98,8 @@ def test_grouping_errors():
     jmoe.RouterConfig(num_groups=2, top_groups=3)
   with raises(ValueError, "bias"):
     jmoe.route(jnp.ones((4, E)), top_k=1, bias=jnp.zeros(E + 1))
+
+
+def test_update_expert_bias_shape():
+  with raises(ValueError, "tokens_per_expert"):
+    jmoe.update_expert_bias(jnp.zeros(4), jnp.ones((2, 4)))

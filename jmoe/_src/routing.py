@@ -370,8 +370,11 @@ def update_expert_bias(bias: Array, tokens_per_expert: Array, *,
   """
   fn = "update_expert_bias"
   checks.check_rank(fn, "bias", bias, 1, "[experts]")
-  checks.check_dim(fn, "tokens_per_expert", jnp.shape(tokens_per_expert)[-1],
-                   bias.shape[0], "length must match bias")
+  if jnp.shape(tokens_per_expert) != bias.shape:
+    raise ValueError(
+        f"{fn}: `tokens_per_expert` must have the shape of `bias` [experts]="
+        f"{bias.shape}; got {jnp.shape(tokens_per_expert)} (sum per-layer or"
+        " per-step loads first, or update each layer's bias separately).")
   load = jnp.asarray(tokens_per_expert, jnp.float32)
   step = rate * jnp.sign(load.mean() - load)
   return (bias.astype(jnp.float32) + step).astype(bias.dtype)

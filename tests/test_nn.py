@@ -1,0 +1,409 @@
+"""Tests of the Flax NNX modules (jmoe.nn): thin shells over the pure functions."""
+
+import flax.linen
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jmoe
+import jmoe.nn as jnn
+from tests.utils import assert_rel
+
+# One set of sizes everywhere: initializers and ops compile once per shape.
+D, F, E, H, KV, V = 16, 16, 4, 4, 2, 32
+
+
+def _tree_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------------
+# MoE / Router.
+# ------------------------------------------------------------------------------
+
+MOE_CASES = {
+    "swiglu_shared_gate": (jmoe.MoEConfig(),
+                           dict(shared_d_ff=F, shared_gate=True)),
+    # Capacity ceil(0.5 * 10 * 2 / 4) = 3 rows per expert < 20 pairs: drops.
+    "relu_capacity": (jmoe.MoEConfig(activation="relu", capacity_factor=0.5), {}),
+    "sigmoid_grouped_bias": (
+        jmoe.MoEConfig(router=jmoe.RouterConfig(
+            top_k=2, score="sigmoid", num_groups=2, top_groups=1,
+            normalize=True, routed_scaling_factor=2.5)),
+        dict(router_bias=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_module_matches_moe_ffn(case):
+  config, opts = MOE_CASES[case]
+  m = jnn.MoE(D, F, E, config=config, rngs=nnx.Rngs(0), **opts)
+  if m.router.bias is not None:
+    m.router.bias[...] = jnp.array([0.3, -0.2, 0.1, 0.0])
+  x = jax.random.normal(jax.random.key(1), (2, 5, D))
+  (y, aux), (y_ref, aux_ref), params = nnx.jit(
+      lambda m, x: (m(x), jmoe.moe_ffn(x, m.params(), config), m.params()))(m, x)
+  # The pieces the case is about are really in the params.
+  assert (params.shared is not None) == ("shared_d_ff" in opts)
+  assert (params.shared_gate is not None) == opts.get("shared_gate", False)
+  assert (params.router_bias is not None) == opts.get("router_bias", False)
+  assert (params.w_gate is not None) == (config.activation == "swiglu")
+  assert y.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  _tree_equal(aux, aux_ref)
+  if config.capacity_factor is not None:
+    assert float(aux.dropped_fraction) >= 0.4  # >= 8 of 20 pairs dropped
+
+
+def test_moe_dtype_and_errors():
+  m = jnn.MoE(D, F, E, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert m.w_up[...].dtype == jnp.float32  # stored in param_dtype
+  x = jax.random.normal(jax.random.key(1), (3, D))
+  y, y_ref = nnx.jit(lambda m, x: (
+      m(x)[0], jmoe.moe_ffn(x.astype(jnp.bfloat16), m.params(), m.config)[0]))(m, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(y_ref, np.float32))
+  with pytest.raises(ValueError, match=r"MoE: `x` must have shape \[..., d_model\]"
+                     r" with d_model=16; got shape \(3, 17\)"):
+    m(jnp.zeros((3, D + 1)))
+  with pytest.raises(TypeError, match="floating"):
+    m(jnp.zeros((3, D), jnp.int32))
+  with pytest.raises(ValueError, match="top_k"):
+    jnn.MoE(D, F, 2, config=jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=3)),
+            rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="shared_gate"):
+    jnn.MoE(D, F, E, shared_gate=True, rngs=nnx.Rngs(0))
+
+
+class _RecordingParallel:
+  """Stands in for `jmoe.parallel.ExpertParallel`: records its calls."""
+
+  def __init__(self):
+    self.calls = []
+
+  def moe_ffn(self, x, params, config, *, key=None):
+    self.calls.append((params, config, key))
+    return 2.0 * x, None
+
+
+def test_moe_calls_parallel_when_given():
+  par = _RecordingParallel()
+  cfg = jmoe.MoEConfig(activation="gelu")
+  m = jnn.MoE(D, F, E, config=cfg, parallel=par, rngs=nnx.Rngs(0))
+  x = jnp.ones((2, D))
+  key = jax.random.key(0)
+  y, aux = m(x, key=key)
+  assert aux is None and len(par.calls) == 1
+  np.testing.assert_array_equal(np.asarray(y), 2.0 * np.ones((2, D)))
+  params, config, k = par.calls[0]
+  _tree_equal(params, m.params())
+  assert config is cfg and k is key
+  # A static attribute: the module still goes through nnx.jit.
+  y = nnx.jit(lambda m, x: m(x)[0])(m, x)
+  np.testing.assert_array_equal(np.asarray(y), 2.0 * np.ones((2, D)))
+  assert len(par.calls) == 2
+
+
+def test_router_bias_is_not_a_param_and_changes_selection_only():
+  router = jnn.Router(D, E, config=jmoe.RouterConfig(top_k=1), use_bias=True,
+                      rngs=nnx.Rngs(0))
+  assert isinstance(router.bias, jnn.ExpertBias)
+  assert not isinstance(router.bias, nnx.Param)
+  params = nnx.to_flat_state(nnx.state(router, nnx.Param))
+  assert [p for p, _ in params] == [("kernel",)]
+  biases = nnx.to_flat_state(nnx.state(router, jnn.ExpertBias))
+  assert [p for p, _ in biases] == [("bias",)]
+
+  x = jax.random.normal(jax.random.key(1), (4, 6, D))
+  route = nnx.jit(lambda r, x: r(x))
+  r0 = route(router, x)
+  # The update helper steps the bias towards balance by +-rate.
+  load = jnp.array([10, 0, 5, 5])
+  router.update_bias(load, rate=0.5)
+  np.testing.assert_array_equal(np.asarray(router.bias[...]),
+                                np.array([-0.5, 0.5, 0.0, 0.0], np.float32))
+  router.bias[...] = jnp.array([0.0, 0.0, 0.0, 5.0])
+  r1 = route(router, x)
+  assert r1.experts.shape == (24, 1)
+  assert np.all(np.asarray(r1.experts) == 3)  # the bias moved the selection ...
+  assert not np.all(np.asarray(r0.experts) == 3)
+  # ... but not the probabilities or the combine weights (unbiased scores).
+  np.testing.assert_array_equal(np.asarray(r1.probs), np.asarray(r0.probs))
+  np.testing.assert_array_equal(
+      np.asarray(r1.weights),
+      np.take_along_axis(np.asarray(r0.probs), np.asarray(r1.experts), -1))
+
+  m = jnn.MoE(D, F, E, router_bias=True, rngs=nnx.Rngs(0))
+  m.update_bias(load, rate=0.25)
+  np.testing.assert_array_equal(np.asarray(m.params().router_bias),
+                                np.array([-0.25, 0.25, 0.0, 0.0], np.float32))
+  with pytest.raises(ValueError, match="no router bias"):
+    jnn.MoE(D, F, E, rngs=nnx.Rngs(0)).update_bias(load)
+
+
+# ------------------------------------------------------------------------------
+# Attention.
+# ------------------------------------------------------------------------------
+
+
+def _attention_reference(attn, x, positions):
+  """float64 numpy: explicit projections, HF-style q/k norm, rotate_half RoPE,
+  repeated kv heads, masked softmax."""
+  g = lambda v: None if v is None else np.asarray(v[...], np.float64)
+  x = np.asarray(x, np.float64)
+  b, s, d = x.shape
+  h, kh, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+  eps = attn.norm_eps
+
+  def rms(v, w):  # over the last axis
+    return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * w
+
+  xt = x.reshape(b * s, d)
+  q = xt @ g(attn.q_proj).reshape(d, h * hd) + g(attn.q_bias).ravel()
+  k = xt @ g(attn.k_proj).reshape(d, kh * hd) + g(attn.k_bias).ravel()
+  v = xt @ g(attn.v_proj).reshape(d, kh * hd) + g(attn.v_bias).ravel()
+  if attn.qk_norm == "full":  # OLMoE: the whole projected width
+    q, k = rms(q, g(attn.q_norm).ravel()), rms(k, g(attn.k_norm).ravel())
+  q = q.reshape(b, s, h, hd)
+  k = k.reshape(b, s, kh, hd)
+  v = v.reshape(b, s, kh, hd)
+  if attn.qk_norm == "per_head":  # Qwen3
+    q, k = rms(q, g(attn.q_norm)), rms(k, g(attn.k_norm))
+  inv_freq = 1.0 / (attn.rope_theta ** (np.arange(0, hd, 2) / hd))
+  ang = np.asarray(positions, np.float64)[..., None] * inv_freq
+  ang = np.concatenate([ang, ang], -1)[:, :, None, :]
+  rot = lambda t: np.concatenate([-t[..., hd // 2:], t[..., :hd // 2]], -1)
+  q = q * np.cos(ang) + rot(q) * np.sin(ang)
+  k = k * np.cos(ang) + rot(k) * np.sin(ang)
+  k = np.repeat(k, h // kh, axis=2)
+  v = np.repeat(v, h // kh, axis=2)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+  logits = np.where(np.tril(np.ones((s, s), bool)), logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p = p / p.sum(-1, keepdims=True)
+  o = np.einsum("bhqk,bkhd->bqhd", p, v)
+  return o.reshape(b, s, h * hd) @ g(attn.o_proj).reshape(h * hd, d)
+
+
+@pytest.mark.parametrize("qk_norm", ["per_head", "full"])
+def test_attention_matches_reference(qk_norm):
+  attn = jnn.Attention(D, H, num_kv_heads=KV, qkv_bias=True, qk_norm=qk_norm,
+                       rope_theta=500.0, rngs=nnx.Rngs(0))
+  assert attn.q_proj.shape == (D, H, 4) and attn.k_proj.shape == (D, KV, 4)
+  ks = jax.random.split(jax.random.key(3), 6)
+  # Non-trivial biases and norm scales so that every piece matters.
+  for i, name in enumerate(["q_bias", "k_bias", "v_bias", "q_norm", "k_norm"]):
+    var = getattr(attn, name)
+    var[...] = 1.0 + 0.5 * jax.random.normal(ks[i], var.shape)
+  x = jax.random.normal(ks[5], (2, 5, D))
+  positions = jnp.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+  y = nnx.jit(lambda a, x, p: a(x, positions=p))(attn, x, positions)
+  assert y.shape == (2, 5, D)
+  assert_rel(y, _attention_reference(attn, x, positions), what="attention")
+
+
+def test_attention_causal_gqa_and_errors():
+  attn = jnn.Attention(D, H, num_kv_heads=1, rngs=nnx.Rngs(0))
+  assert attn.k_proj.shape == (D, 1, 4) and attn.o_proj.shape == (H, 4, D)
+
+  @nnx.jit
+  def f(a, x, x2):
+    default = a(x)
+    explicit = a(x, positions=jnp.broadcast_to(jnp.arange(6), (2, 6)))
+    return default, explicit, a(x2)
+
+  x = jax.random.normal(jax.random.key(0), (2, 6, D))
+  x2 = x.at[:, 4].set(3.0)  # change a "future" token
+  y, y_explicit, y2 = f(attn, x, x2)
+  np.testing.assert_array_equal(np.asarray(y[:, :4]), np.asarray(y2[:, :4]))
+  assert not np.allclose(np.asarray(y[:, 4:]), np.asarray(y2[:, 4:]))
+  assert_rel(y_explicit, y, what="default positions are 0..S-1")
+  with pytest.raises(ValueError, match="positions"):
+    attn(x, positions=jnp.zeros((2, 5), jnp.int32))
+  with pytest.raises(ValueError, match="multiple of `num_kv_heads`"):
+    jnn.Attention(D, H, num_kv_heads=3, rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------------------
+# Language model.
+# ------------------------------------------------------------------------------
+
+
+def test_lm_layer_pattern_aux_and_heads():
+  assert jnn.moe_layer_pattern(4, first_dense=1) == (False, True, True, True)
+  assert jnn.moe_layer_pattern(5, first_dense=1, every=2) == (
+      False, False, True, False, True)
+  cfg = jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2))
+  lm = jnn.MoETransformerLM(V, D, 3, H, F, num_experts=E, moe=cfg,
+                            moe_layers=(True, False, True), num_kv_heads=KV,
+                            rngs=nnx.Rngs(0))
+  assert [b.is_moe for b in lm.blocks] == [True, False, True]
+  assert isinstance(lm.blocks[1].mlp, jnn.FeedForward)
+  assert lm.blocks[1].mlp.d_ff == F * 2  # dense width = d_ff * top_k
+  assert lm.head.shape == (D, V)
+  tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, V)
+  key = jax.random.key(7)
+
+  @nnx.jit
+  def run(lm, tokens, key):
+    logits, aux = lm(tokens, key=key)
+    # The stacked aux is the per-layer aux of the MoE blocks, in layer order.
+    x, layer_aux = lm.embed(tokens), []
+    for block, k in zip(lm.blocks, jax.random.split(key, 3)):
+      x, a = block(x, key=k)
+      layer_aux.append(a)
+    return logits, aux, layer_aux
+
+  logits, aux, layer_aux = run(lm, tokens, key)
+  assert logits.shape == (2, 6, V) and logits.dtype == jnp.float32
+  assert layer_aux[1] is None
+  assert aux.balance_loss.shape == (2,)
+  assert aux.tokens_per_expert.shape == (2, E)
+  _tree_equal(aux, jax.tree.map(lambda *a: jnp.stack(a), layer_aux[0], layer_aux[2]))
+  np.testing.assert_array_equal(np.asarray(aux.tokens_per_expert.sum(-1)),
+                                [2 * 6 * 2] * 2)
+
+  # Tied head (bf16 compute, all dense): no head param, float32 logits, no aux,
+  # and logits[..., v] = h . embedding[v]: changing the embedding row of a token
+  # absent from the input changes that logit column and nothing else.
+  tied = jnn.MoETransformerLM(V, D, 2, H, F, num_experts=0, tie_embeddings=True,
+                              num_kv_heads=KV, dtype=jnp.bfloat16,
+                              rngs=nnx.Rngs(1))
+  assert tied.head is None
+  assert "head" not in nnx.state(tied, nnx.Param)
+  assert all(not b.is_moe for b in tied.blocks)
+  absent = int(np.setdiff1d(np.arange(V), np.asarray(tokens))[0])
+  fwd = nnx.jit(lambda m, t: m(t))
+  logits, aux = fwd(tied, tokens)
+  assert aux is None
+  assert logits.shape == (2, 6, V) and logits.dtype == jnp.float32
+  tied.embed.embedding[...] = tied.embed.embedding[...].at[absent].multiply(-2.0)
+  logits2, _ = fwd(tied, tokens)
+  others = np.arange(V) != absent
+  np.testing.assert_array_equal(np.asarray(logits2)[..., others],
+                                np.asarray(logits)[..., others])
+  assert_rel(logits2[..., absent], -2.0 * logits[..., absent], jnp.bfloat16,
+             "tied logit column")
+
+  with pytest.raises(ValueError, match="one entry per layer"):
+    jnn.MoETransformerLM(V, D, 3, H, F, num_experts=E, moe_layers=(True,),
+                         rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="integer"):
+    lm(jnp.zeros((2, 6)))
+
+
+def test_lm_training_step_reduces_loss_and_leaves_bias():
+  lm = jnn.MoETransformerLM(V, D, 2, H, F, num_experts=E, first_dense=1,
+                            router_bias=True, num_kv_heads=KV,
+                            qk_norm="per_head", rngs=nnx.Rngs(0))
+  bias = lm.blocks[1].mlp.router.bias
+  bias[...] = jnp.array([0.1, -0.1, 0.05, 0.0])
+  bias_before = np.asarray(bias[...])
+  params_before = jax.tree.map(np.asarray, nnx.state(lm, nnx.Param))
+  optimizer = nnx.Optimizer(lm, optax.adamw(1e-2), wrt=nnx.Param)
+  tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, V)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+  @nnx.jit
+  def train_step(lm, optimizer, inputs, targets, key):
+    def loss_fn(lm):
+      logits, aux = lm(inputs, key=key)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+      return ce + 0.01 * aux.balance_loss.sum() + 1e-3 * aux.z_loss.sum(), aux
+    (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(lm)
+    optimizer.update(lm, grads)
+    return loss, aux
+
+  losses = []
+  for i in range(30):
+    loss, aux = train_step(lm, optimizer, inputs, targets, jax.random.key(i))
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.7 * losses[0], losses
+  np.testing.assert_array_equal(np.asarray(bias[...]), bias_before)
+  opt_paths = [jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_leaves_with_path(nnx.state(optimizer))]
+  assert any("'w_up'" in p for p in opt_paths)
+  assert not any("'bias'" in p for p in opt_paths)  # no optimizer state for it
+  params_after = nnx.state(lm, nnx.Param)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)),
+                       params_before, params_after)
+  assert all(jax.tree.leaves(moved))
+
+  # The bias moves only through the explicit update helper.
+  lm.update_router_biases(aux.tokens_per_expert, rate=0.01)
+  load = np.asarray(aux.tokens_per_expert[0], np.float64)
+  np.testing.assert_allclose(np.asarray(bias[...]) - bias_before,
+                             0.01 * np.sign(load.mean() - load), atol=1e-7)
+
+
+# ------------------------------------------------------------------------------
+# Logical axis names and shardings.
+# ------------------------------------------------------------------------------
+
+RULES = (("expert", "ep"), ("mlp", "tp"), ("vocab", "tp"), ("q_heads", "tp"),
+         ("kv_heads", "tp"))
+
+
+def test_logical_axes_and_partition_specs():
+  P = jax.sharding.PartitionSpec
+  # Metadata only: the abstract model is enough.
+  lm = nnx.eval_shape(lambda: jnn.MoETransformerLM(
+      V, D, 2, H, F, num_experts=E, first_dense=1, shared_d_ff=F,
+      shared_gate=True, router_bias=True, qkv_bias=True, qk_norm="full",
+      num_kv_heads=KV, rngs=nnx.Rngs(0)))
+  allowed = set(jnn.LOGICAL_AXES) | {None}
+  flat = nnx.to_flat_state(nnx.state(lm, nnx.Variable))
+  assert len(flat) > 20
+  for path, var in flat:
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == var.ndim, path
+    assert set(names) <= allowed, (path, names)
+
+  specs = jnn.logical_partition_specs(lm, RULES)
+  moe = specs["blocks"][1]["mlp"]
+  assert moe["w_up"].get_value() == P("ep", None, "tp")
+  assert moe["w_down"].get_value() == P("ep", "tp", None)
+  assert moe["router"]["kernel"].get_value() == P(None, "ep")
+  assert moe["router"]["bias"].get_value() == P("ep")
+  assert moe["shared"]["w_up"].get_value() == P(None, "tp")
+  assert moe["shared_gate"].get_value() == P(None, None)
+  assert specs["embed"]["embedding"].get_value() == P("tp", None)
+  attn = specs["blocks"][0]["attn"]
+  assert attn["q_proj"].get_value() == P(None, "tp", None)
+  assert attn["k_norm"].get_value() == P("tp", None)
+  # No rules: the logical names themselves; flax's own route agrees.
+  logical = jnn.logical_partition_specs(nnx.state(lm, nnx.Param))
+  assert logical["head"].get_value() == P("embed", "vocab")
+  flax_specs = nnx.get_partition_spec(nnx.state(lm, nnx.Param))
+  assert jax.tree.leaves(flax_specs) == jax.tree.leaves(logical)
+  mesh = jax.make_mesh((2, 4), ("ep", "tp"))
+  ours = jnn.logical_shardings(nnx.state(lm, nnx.Param), mesh, RULES)
+  theirs = flax.linen.logical_to_mesh_sharding(flax_specs, mesh, RULES)
+  assert jax.tree.leaves(ours) == jax.tree.leaves(theirs)
+  assert len(jax.tree.leaves(ours)) == len(
+      nnx.to_flat_state(nnx.state(lm, nnx.Param)))
+
+
+def test_sharding_a_module_lazily_and_eagerly():
+  P = jax.sharding.PartitionSpec
+  mesh = jax.make_mesh((2, 4), ("ep", "tp"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  # Lazily: build unsharded (no mesh needed), then place the state.
+  m = jnn.MoE(D, F, E, router_bias=True, rngs=nnx.Rngs(0))
+  assert len(m.w_up[...].sharding.device_set) == 1
+  nnx.update(m, jax.device_put(nnx.state(m), jnn.logical_shardings(m, mesh, RULES)))
+  assert m.w_up[...].sharding.spec == P("ep", None, "tp")
+  assert m.router.bias[...].sharding.spec == P("ep")
+  # Eagerly: created sharded under a mesh and rules naming every logical axis.
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(jnn.complete_rules(RULES)):
+    r = jnn.Router(D, E, use_bias=True, eager_sharding=True, rngs=nnx.Rngs(0))
+  assert r.kernel[...].sharding.spec == P(None, "ep")
+  assert r.bias[...].sharding.spec == P("ep")
