@@ -13,12 +13,14 @@ from jmoe._src.gmm.xla import gmm_xla
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("xla", "reference")
+# "pallas_interpret": the Pallas kernels in the Pallas interpreter (CPU tests).
+IMPLEMENTATIONS = ("xla", "reference", "pallas", "pallas_interpret")
 
 
 def default_implementation() -> str:
-  """The backend `gmm` uses when `implementation=None`."""
-  return "xla"
+  """The backend `gmm` uses when `implementation=None`: the Pallas-Triton kernels
+  on NVIDIA GPUs (XLA's ragged_dot does G times the work there), XLA elsewhere."""
+  return "pallas" if jax.devices()[0].platform == "gpu" else "xla"
 
 
 def check_gmm_args(fn: str, lhs, rhs, group_sizes, group_offset) -> None:
@@ -59,7 +61,8 @@ def gmm(
     preferred_element_type=None,
     group_offset: Array | None = None,
     *,
-    implementation: Literal["xla", "reference"] | None = None,
+    implementation: Literal["xla", "reference", "pallas", "pallas_interpret"]
+    | None = None,
 ) -> Array:
   """Grouped matmul: consecutive row blocks of `lhs` times their group's matrix.
 
@@ -79,7 +82,9 @@ def gmm(
       only the local groups group_offset .. group_offset + rhs.shape[0] - 1 of
       `group_sizes` (which lists all groups), and rows of other groups give zeros.
     implementation: "xla" (`lax.ragged_dot`), "reference" (dense and masked, G times
-      the work: the test oracle), or None for the best available on this backend.
+      the work: the test oracle), "pallas" (Pallas-Triton kernels, GPU),
+      "pallas_interpret" (the same kernels interpreted, CPU), or None for the best
+      available on this backend ("pallas" on GPU, "xla" elsewhere).
 
   Returns:
     [m, n] in `preferred_element_type`.
@@ -93,6 +98,12 @@ def gmm(
     return gmm_reference(lhs, rhs, group_sizes,
                          preferred_element_type=out_dtype,
                          group_offset=group_offset)
+  if impl in ("pallas", "pallas_interpret"):
+    # Imported here so that `import jmoe` never depends on the Pallas-Triton stack.
+    from jmoe._src.gmm.pallas_triton import gmm_pallas  # noqa: PLC0415
+    return gmm_pallas(lhs, rhs, group_sizes, group_offset=group_offset,
+                      preferred_element_type=out_dtype, precision=precision,
+                      interpret=impl == "pallas_interpret")
   # Accumulate in float32 whatever the requested output dtype.
   out = gmm_xla(lhs, rhs, group_sizes, precision=precision,
                 preferred_element_type=jnp.float32, group_offset=group_offset)
