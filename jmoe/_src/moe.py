@@ -151,33 +151,43 @@ class MoEAux:
 
 
 def ffn(x: Array, params: FFNParams, activation: str) -> Array:
-  """A dense FFN on [..., D] (float32 accumulation, output in x.dtype)."""
+  """A dense FFN on [..., D], output in x.dtype.
+
+  Matmuls take and give x.dtype (bf16 GEMMs accumulate in float32 inside); the
+  activation and gating run in float32. Keeping matmul outputs in the compute
+  dtype keeps the backward GEMMs in it too (float32 outputs would make every
+  backward product a float32 one).
+  """
   dt = x.dtype
   act = _ACT[activation]
-  up = jnp.dot(x, params.w_up.astype(dt), preferred_element_type=jnp.float32)
+  up = jnp.dot(x, params.w_up.astype(dt)).astype(jnp.float32)
   if is_glu(activation):
-    gate = jnp.dot(x, params.w_gate.astype(dt), preferred_element_type=jnp.float32)
+    gate = jnp.dot(x, params.w_gate.astype(dt)).astype(jnp.float32)
     h = act(gate) * up
   else:
     h = act(up)
-  out = jnp.dot(h.astype(dt), params.w_down.astype(dt),
-                preferred_element_type=jnp.float32)
-  return out.astype(dt)
+  return jnp.dot(h.astype(dt), params.w_down.astype(dt))
 
 
 def expert_ffn(rows: Array, w_up: Array, w_down: Array, w_gate: Array | None,
                group_sizes: Array, activation: str, *,
                implementation: str | None = None,
                group_offset: Array | None = None) -> Array:
-  """Every expert's FFN on its rows: [R, D] -> [R, D] through grouped matmuls."""
+  """Every expert's FFN on its rows: [R, D] -> [R, D] through grouped matmuls.
+
+  Same precision policy as `ffn`: grouped matmuls in rows.dtype with float32
+  accumulation, activation in float32.
+  """
   dt = rows.dtype
   act = _ACT[activation]
-  mm = lambda a, w: gmm(a, w.astype(dt), group_sizes,
-                        preferred_element_type=jnp.float32,
-                        group_offset=group_offset, implementation=implementation)
-  up = mm(rows, w_up)
-  h = act(mm(rows, w_gate)) * up if is_glu(activation) else act(up)
-  return mm(h.astype(dt), w_down).astype(dt)
+  mm = lambda a, w: gmm(a, w.astype(dt), group_sizes, group_offset=group_offset,
+                        implementation=implementation)
+  up = mm(rows, w_up).astype(jnp.float32)
+  if is_glu(activation):
+    h = act(mm(rows, w_gate).astype(jnp.float32)) * up
+  else:
+    h = act(up)
+  return mm(h.astype(dt), w_down)
 
 
 def check_params(fn: str, x: Array, params: MoEParams, activation: str) -> None:
