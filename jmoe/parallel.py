@@ -1,0 +1,576 @@
+"""Expert parallelism: the MoE layer with its experts sharded over a mesh axis.
+
+This is the only jmoe module that calls `shard_map` or collectives. The per-shard
+code *is* the single-device code (`route`, `dispatch_plan` / `permute`, `expert_ffn`,
+`unpermute`, `make_aux`, `shared_output`): `shard_map` wraps it and adds the exchange.
+
+Layout. The experts' weights ([E, ...]) are split over `expert_axis` (n devices,
+E_l = E / n local experts each) and replicated over the other mesh axes. Tokens are
+split over the *token axes*: `data_axes`, plus `expert_axis` when it is not one of
+them (tokens replicated over the expert axis are split over it inside the layer, so
+no device repeats another's work). Every device routes its own T_l tokens, sends each
+(token, slot) pair to the device that owns the chosen expert, runs its local experts
+with the single-device grouped matmul, sends the results back and combines them.
+
+Dispatchers (`ExpertParallel.dispatcher`), one semantics each:
+
+* "dropless" (default): exact. The result equals `jmoe.moe_ffn` on the whole global
+  batch (dropless, or with `MoEConfig.capacity_factor` the *global* capacity, pairs
+  kept in global token order). Built on `lax.all_to_all` with static blocks of
+  B = min(ceil(dropless_bound * T_l * k / n), T_l * min(k, E_l)) rows per
+  (source, destination) pair: `dropless_bound` times the balanced load. Counts are
+  exchanged first; if any device would send more than B rows to one device
+  (a globally agreed flag, `pmax`), the whole call takes the all-gather path below
+  instead (`lax.cond`), so nothing is ever dropped. `DispatchStats.fallback` says
+  when that happened.
+* "all_to_all": the fast, capacity-bounded exchange. The capacity rule is per token
+  shard: each shard applies jmoe's capacity mode to its own T_l tokens with
+  C = expert_capacity(T_l, E, k, capacity_factor) rows per expert (pairs kept in token
+  order, the rest dropped and counted), so the output is exactly single-device
+  `jmoe.moe_ffn(x_shard, params, replace(config, capacity_factor=cf))` on each token
+  shard, concatenated in token order. Blocks are B = min(E_l * C, T_l * min(k, E_l))
+  rows: no overflow is possible.
+* "all_gather": exact, like "dropless". Tokens, expert ids and weights are gathered
+  over the expert axis; every device runs its local experts on all n * T_l tokens
+  (buffer n * T_l * min(k, E_l) rows) and the partial outputs are summed back with a
+  reduce-scatter (`psum_scatter`). Good when E_l is small and tokens are few.
+
+Auxiliary metrics are global (reduced over the token axes): they equal the ones of
+`jmoe.moe_ffn` on the whole batch (the balance loss from the summed counts and the
+mean router probabilities of all tokens, not a mean of per-shard losses). Under
+"all_to_all" the drops follow the per-shard rule: `tokens_per_expert` is the sum and
+`dropped_fraction` the mean of the per-shard values.
+
+Usage:
+
+  mesh = jax.make_mesh((2, 4), ("data", "expert"))
+  ep = ExpertParallel(mesh)                      # tokens over both axes, dropless
+  params = shard_params(params, ep)              # experts over "expert"
+  y, aux = jax.jit(ep.moe_ffn)(shard_inputs(x, ep), params)   # = jmoe.moe_ffn
+  # or: jmoe.nn.MoE(..., parallel=ep) / MoETransformerLM(..., parallel=ep)
+
+Across hosts the same code runs on a global mesh after `jax.distributed.initialize`;
+keep the expert axis inside a host (the last mesh axis) so the all-to-alls ride
+NVLink.
+
+Shapes: T tokens (T_l per shard), D d_model, E experts (E_l per device), k slots per
+token, n devices on the expert axis, B rows per exchange block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jmoe._src import checks
+from jmoe._src import moe as moe_lib
+from jmoe._src import permute as permute_lib
+from jmoe._src import routing as routing_lib
+
+Array = jax.Array
+MoEAux = moe_lib.MoEAux
+MoEConfig = moe_lib.MoEConfig
+MoEParams = moe_lib.MoEParams
+
+DISPATCHERS = ("all_to_all", "dropless", "all_gather")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DispatchStats:
+  """How the exchange of one `ExpertParallel` call went (int32 scalars, global).
+
+  Attributes:
+    fallback: 1 when the "dropless" exchange overflowed its static blocks and the
+      call took the all-gather path instead, else 0. Sum it over steps to see how
+      often that happens; raise `dropless_bound` if it is often.
+    max_block_rows: the most rows any device sent to any one device ("dropless",
+      "all_to_all"), or computed ("all_gather"). Divide by `block_rows` for the
+      peak utilisation of the static buffers.
+    block_rows: the static rows of one block (B), or of the all-gather buffer.
+  """
+
+  fallback: Array
+  max_block_rows: Array
+  block_rows: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+  """Expert parallelism on a mesh: configuration as data (frozen and hashable).
+
+  Attributes:
+    mesh: the `jax.sharding.Mesh` (one process or several, see `jax.distributed`).
+    expert_axis: the mesh axis the experts are split over (E must divide by its
+      size).
+    data_axes: the mesh axes the tokens (x's leading dimension) are split over, or
+      None for every mesh axis (the usual expert-parallel set-up: the same devices
+      hold different tokens and different experts).
+    dispatcher: "dropless" (exact, all-to-all with an all-gather fallback),
+      "all_to_all" (per-shard capacity, see the module docstring) or "all_gather"
+      (exact).
+    capacity_factor: "all_to_all" only: the per-shard capacity factor. None takes
+      `MoEConfig.capacity_factor`; one of the two is required.
+    dropless_bound: "dropless" only: each exchange block holds this many times the
+      balanced load (T_l * k / n rows); heavier routing takes the fallback. >= 1.
+  """
+
+  mesh: Mesh
+  _: dataclasses.KW_ONLY
+  expert_axis: str = "expert"
+  data_axes: tuple[str, ...] | None = None
+  dispatcher: Literal["all_to_all", "dropless", "all_gather"] = "dropless"
+  capacity_factor: float | None = None
+  dropless_bound: float = 2.0
+
+  def __post_init__(self):
+    fn = "ExpertParallel"
+    if not isinstance(self.mesh, Mesh):
+      raise TypeError(f"{fn}: `mesh` must be a jax.sharding.Mesh; got {type(self.mesh)}.")
+    names = tuple(self.mesh.axis_names)
+    checks.check_choice(fn, "expert_axis", self.expert_axis, names)
+    data_axes = self.data_axes
+    if data_axes is None:
+      data_axes = names
+    elif isinstance(data_axes, str):
+      data_axes = (data_axes,)
+    data_axes = tuple(data_axes)
+    for a in data_axes:
+      if a not in names:
+        raise ValueError(
+            f"{fn}: unknown axis {a!r} in `data_axes`={data_axes}; expected names"
+            f" from the mesh's axes {names}.")
+    if len(set(data_axes)) != len(data_axes):
+      raise ValueError(f"{fn}: `data_axes`={data_axes} repeats an axis.")
+    object.__setattr__(self, "data_axes", data_axes)
+    checks.check_choice(fn, "dispatcher", self.dispatcher, DISPATCHERS)
+    if self.capacity_factor is not None:
+      if self.dispatcher != "all_to_all":
+        raise ValueError(
+            f"{fn}: `capacity_factor` is the per-shard capacity of"
+            f" dispatcher='all_to_all'; got it with dispatcher={self.dispatcher!r}"
+            " (the exact dispatchers follow MoEConfig.capacity_factor).")
+      if not self.capacity_factor > 0:
+        raise ValueError(f"{fn}: `capacity_factor` must be > 0; got {self.capacity_factor}.")
+    if not self.dropless_bound >= 1.0:
+      raise ValueError(f"{fn}: `dropless_bound` must be >= 1.0; got {self.dropless_bound}.")
+
+  # ---------------------------------------------------------------- layout
+  @property
+  def num_expert_shards(self) -> int:
+    """n: devices on the expert axis."""
+    return self.mesh.shape[self.expert_axis]
+
+  @property
+  def token_axes(self) -> tuple[str, ...]:
+    """The axes tokens are split over inside the layer (shard order = token order)."""
+    if self.expert_axis in self.data_axes:
+      return self.data_axes
+    return self.data_axes + (self.expert_axis,)
+
+  @property
+  def num_token_shards(self) -> int:
+    return math.prod(self.mesh.shape[a] for a in self.token_axes)
+
+  @property
+  def num_data_shards(self) -> int:
+    return math.prod(self.mesh.shape[a] for a in self.data_axes)
+
+  def input_spec(self) -> P:
+    """PartitionSpec of x [B, ..., D] (and of the output): B over `data_axes`."""
+    return P(self.data_axes or None)
+
+  def input_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, self.input_spec())
+
+  def param_specs(self, params: MoEParams) -> MoEParams:
+    """PartitionSpecs of `params`: experts over `expert_axis`, the rest replicated."""
+    ex, rep = P(self.expert_axis), P()
+    opt = lambda a, spec: None if a is None else spec
+    return MoEParams(
+        router=rep, w_up=ex, w_down=ex, w_gate=opt(params.w_gate, ex),
+        router_bias=opt(params.router_bias, rep),
+        shared=None if params.shared is None else jax.tree.map(lambda _: rep,
+                                                               params.shared),
+        shared_gate=opt(params.shared_gate, rep))
+
+  def params_sharding(self, params: MoEParams) -> MoEParams:
+    """NamedShardings of `params` (for `jax.device_put` or jit's shardings)."""
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(params))
+
+  def block_rows(self, tokens_per_shard: int, num_experts: int,
+                 config: MoEConfig) -> int:
+    """B: the static rows of one (source, destination) exchange block."""
+    n, k = self.num_expert_shards, config.top_k
+    e_l = num_experts // n
+    most = tokens_per_shard * min(k, e_l)  # the most one device can send to another
+    if self.dispatcher == "all_to_all":
+      cap = routing_lib.expert_capacity(tokens_per_shard, num_experts, k,
+                                        self._capacity_factor(config))
+      return min(e_l * cap, most)
+    if self.dispatcher == "dropless":
+      return min(math.ceil(self.dropless_bound * tokens_per_shard * k / n), most)
+    return self.num_expert_shards * most  # all_gather: the gathered buffer
+
+  def _capacity_factor(self, config: MoEConfig) -> float:
+    cf = config.capacity_factor if self.capacity_factor is None else self.capacity_factor
+    if cf is None:
+      raise ValueError(
+          "ExpertParallel: dispatcher='all_to_all' needs a capacity factor: set"
+          " ExpertParallel(capacity_factor=...) or MoEConfig(capacity_factor=...)"
+          " (or use dispatcher='dropless').")
+    return cf
+
+  # ------------------------------------------------------------------ layer
+  def moe_ffn(self, x: Array, params: MoEParams, config: MoEConfig | None = None, *,
+              key: Array | None = None) -> tuple[Array, MoEAux]:
+    """The expert-parallel MoE layer; same contract as `jmoe.moe_ffn`.
+
+    Args:
+      x: [B, ..., D] global activations, B split over `data_axes` (it is resharded
+        to that layout if it arrives otherwise).
+      params: global `MoEParams` (see `shard_params`); experts split over
+        `expert_axis`, the rest replicated.
+      config: `MoEConfig` (default: `MoEConfig()`).
+      key: PRNG key for router jitter / noise: the same draws as `jmoe.moe_ffn`
+        makes on the whole batch (each shard takes its rows of them).
+
+    Returns:
+      y: [B, ..., D] in x.dtype, sharded like x.
+      aux: `MoEAux` of the whole batch (replicated).
+    """
+    y, aux, _ = self.moe_ffn_with_stats(x, params, config, key=key)
+    return y, aux
+
+  def moe_ffn_with_stats(self, x: Array, params: MoEParams,
+                         config: MoEConfig | None = None, *,
+                         key: Array | None = None
+                         ) -> tuple[Array, MoEAux, DispatchStats]:
+    """`moe_ffn`, plus the `DispatchStats` of the exchange."""
+    fn = "ExpertParallel.moe_ffn"
+    config = MoEConfig() if config is None else config
+    moe_lib.check_params(fn, x, params, config.activation)
+    config.router.validate(params.num_experts, fn)
+    if config.router.kind != "token_choice":
+      raise ValueError(
+          f"{fn}: expert-choice routing ranks every token of the batch for each"
+          " expert and is not supported under expert parallelism; use"
+          " RouterConfig(kind='token_choice').")
+    n, e = self.num_expert_shards, params.num_experts
+    if e % n:
+      raise ValueError(
+          f"{fn}: the number of experts ({e}, from params.w_up [experts, d_model,"
+          f" d_ff]) must be divisible by the size of `expert_axis`"
+          f" {self.expert_axis!r} ({n}).")
+    shape = x.shape
+    nd, ns = self.num_data_shards, self.num_token_shards
+    if shape[0] % nd:
+      raise ValueError(
+          f"{fn}: x's leading dimension ({shape[0]}, x shape {shape}) is split over"
+          f" `data_axes` {self.data_axes} and must be divisible by their size ({nd}).")
+    t = math.prod(shape[:-1])
+    if t % ns:
+      raise ValueError(
+          f"{fn}: the number of tokens ({t}, x shape {shape}) must be divisible by"
+          f" the number of token shards ({ns}: `data_axes` {self.data_axes} and"
+          f" `expert_axis` {self.expert_axis!r}).")
+    if self.dispatcher == "all_to_all":
+      self._capacity_factor(config)
+
+    x = _constrain(x, self.mesh, self.input_spec())
+    xt = _constrain(x.reshape(t, shape[-1]), self.mesh, P(self.token_axes))
+    params = jax.tree.map(lambda a, s: _constrain(a, self.mesh, s), params,
+                          self.param_specs(params))
+    body = lambda xt, params, key: _shard_body(self, config, t, e, xt, params, key)
+    key_spec = None if key is None else P()
+    stats_spec = DispatchStats(P(), P(), P())
+    aux_spec = MoEAux(*(P(),) * 6)
+    mapped = jax.shard_map(
+        body, mesh=self.mesh,
+        in_specs=(P(self.token_axes), self.param_specs(params), key_spec),
+        out_specs=(P(self.token_axes), aux_spec, stats_spec))
+    y, aux, stats = mapped(xt, params, key)
+    y = _constrain(y, self.mesh, self.input_spec()).reshape(shape)
+    return y, aux, stats
+
+
+def shard_params(params: MoEParams, ep: ExpertParallel) -> MoEParams:
+  """Puts `params` on `ep.mesh`: experts over the expert axis, the rest replicated.
+
+  Works across processes: every process passes the same full (host) values.
+  """
+  return jax.tree.map(_put, params, ep.params_sharding(params))
+
+
+def shard_inputs(x: Array, ep: ExpertParallel) -> Array:
+  """Puts x [B, ..., D] on `ep.mesh`, B split over the data axes."""
+  return _put(x, ep.input_sharding())
+
+
+# ---------------------------------------------------------------------------
+# Helpers outside the shard.
+
+
+def _put(a, sharding: NamedSharding) -> Array:
+  if jax.process_count() == 1 or (isinstance(a, jax.Array)
+                                  and not a.is_fully_addressable):
+    return jax.device_put(a, sharding)
+  host = np.asarray(a)  # multi-process: every process holds the full value
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _constrain(a: Array, mesh: Mesh, spec: P) -> Array:
+  """Reshards `a` to `spec` (Explicit mesh axes) or constrains it (Auto axes)."""
+  explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  if explicit:
+    return jax.sharding.reshard(a, NamedSharding(mesh, spec))
+  return lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
+
+
+# ---------------------------------------------------------------------------
+# Inside the shard: the single-device code plus the exchange.
+
+
+def _shard_body(ep: ExpertParallel, config: MoEConfig, num_tokens: int,
+                num_experts: int, xt: Array, params: MoEParams, key):
+  """One device: its T_l tokens xt [T_l, D], its E_l experts in `params`."""
+  axes, ax, n = ep.token_axes, ep.expert_axis, ep.num_expert_shards
+  t_l, k = xt.shape[0], config.top_k
+  shard = lax.axis_index(axes)
+  routing = _route_shard(xt, params, config, key, shard * t_l, num_tokens)
+
+  if ep.dispatcher == "all_to_all":
+    cap = routing_lib.expert_capacity(t_l, num_experts, k, ep._capacity_factor(config))
+    plan = permute_lib.dispatch_plan(routing.experts, num_experts, capacity=cap)
+    experts, aux_plan = routing.experts, plan
+  else:
+    experts, plan, aux_plan = _global_capacity(routing.experts, num_experts, config,
+                                               num_tokens, shard, axes)
+
+  block = ep.block_rows(t_l, num_experts, config)
+  if ep.dispatcher == "all_gather":
+    y, rows = _exchange_all_gather(xt, experts, routing.weights, params, config, ax)
+    stats = DispatchStats(jnp.zeros((), jnp.int32), lax.pmax(rows, axes),
+                          jnp.asarray(block, jnp.int32))
+  else:
+    sent = plan.group_sizes.reshape(n, -1).sum(axis=1)  # [n] rows to each device
+    max_rows = lax.pmax(jnp.max(sent), axes)
+    a2a = lambda: _exchange_all_to_all(xt, experts, plan, routing.weights, params,
+                                       config, ax, block)
+    if ep.dispatcher == "dropless" and block < t_l * min(k, num_experts // n):
+      fallback = max_rows > block  # the same on every device: safe for lax.cond
+      y = lax.cond(
+          fallback,
+          lambda: _exchange_all_gather(xt, experts, routing.weights, params,
+                                       config, ax)[0],
+          a2a)
+    else:  # the blocks hold the worst case: no overflow possible
+      fallback = jnp.zeros((), bool)
+      y = a2a()
+    stats = DispatchStats(fallback.astype(jnp.int32), max_rows,
+                          jnp.asarray(block, jnp.int32))
+
+  if params.shared is not None:
+    y = y + moe_lib.shared_output(xt, params, config.activation)
+  return y, _global_aux(routing, aux_plan, axes, num_experts), stats
+
+
+def _route_shard(xt: Array, params: MoEParams, config: MoEConfig, key,
+                 row_start: Array, num_tokens: int):
+  """`moe_lib.route_tokens` on this shard's rows, with the whole batch's noise."""
+  logits = moe_lib.router_logits(xt, params.router)
+  logits = _shard_noise(logits, config.router, key, row_start, num_tokens)
+  return routing_lib.route(logits, config.router, bias=params.router_bias, key=None)
+
+
+def _shard_noise(logits: Array, config: routing_lib.RouterConfig, key,
+                 row_start: Array, num_tokens: int) -> Array:
+  """`routing._apply_noise` drawn for the global [T, E] logits, this shard's rows.
+
+  Draws T * E numbers per device (cheap next to the layer) so that training with
+  noise takes the same decisions as `jmoe.moe_ffn` on the whole batch.
+  """
+  logits = logits.astype(jnp.float32)
+  if key is None or (config.jitter_eps == 0 and config.noise_std == 0):
+    return logits
+  shape = (num_tokens, logits.shape[1])
+  rows = lambda a: lax.dynamic_slice_in_dim(a, row_start, logits.shape[0], axis=0)
+  k_jitter, k_noise = jax.random.split(key)
+  if config.jitter_eps > 0:
+    logits = logits * rows(jax.random.uniform(
+        k_jitter, shape, jnp.float32, 1.0 - config.jitter_eps, 1.0 + config.jitter_eps))
+  if config.noise_std > 0:
+    logits = logits + config.noise_std * rows(jax.random.normal(
+        k_noise, shape, jnp.float32))
+  return logits
+
+
+def _global_capacity(experts: Array, num_experts: int, config: MoEConfig,
+                     num_tokens: int, shard: Array, axes):
+  """The exact dispatchers' plan: dropless, or single-device capacity on the batch.
+
+  With `config.capacity_factor`, expert e keeps the first C = capacity(T, E) pairs
+  of the *whole batch* in token order: this shard's pair at position p of its local
+  segment is kept iff (pairs of e on earlier shards) + p < C.
+
+  Returns:
+    experts: int32 [T_l, k], -1 for pairs dropped for capacity.
+    plan: the dropless plan of those experts (what is dispatched).
+    aux_plan: the plan whose `expert_load` / `num_dropped` feed the metrics.
+  """
+  plan = permute_lib.dispatch_plan(experts, num_experts)
+  cap = config.capacity(num_tokens, num_experts)
+  if cap is None:
+    return experts, plan, plan
+  s = math.prod(lax.axis_size(a) for a in axes)
+  loads = lax.psum(jnp.zeros((s, num_experts), jnp.int32).at[shard].set(
+      plan.expert_load), axes)  # [S, E], shard order = token order
+  before = jnp.take(jnp.cumsum(loads, axis=0) - loads, shard, axis=0)  # [E]
+  pos = plan.slot_row - jnp.take(plan.indptr, experts)  # position in the segment
+  keep = before[experts] + pos < cap
+  kept = jnp.where(keep, experts, -1)
+  aux_plan = dataclasses.replace(
+      plan, num_dropped=jnp.sum(~keep, dtype=jnp.int32))
+  return kept, permute_lib.dispatch_plan(kept, num_experts), aux_plan
+
+
+def _global_aux(routing: routing_lib.Routing, plan: permute_lib.DispatchPlan,
+                axes, num_experts: int) -> MoEAux:
+  """`moe_lib.make_aux` of the whole batch from every shard's (equal-size) part."""
+  local = moe_lib.make_aux(routing, plan)
+  counts = lax.psum(local.tokens_per_expert, axes)
+  slots = lax.psum(jnp.asarray(routing.experts.size, jnp.float32), axes)
+  f = counts.astype(jnp.float32) / slots  # share of all (token, slot) pairs
+  p = lax.pmean(jnp.mean(routing.probs.astype(jnp.float32), axis=0), axes)
+  return MoEAux(
+      balance_loss=num_experts * jnp.sum(f * p),
+      z_loss=lax.pmean(local.z_loss, axes),
+      tokens_per_expert=counts,
+      dropped_fraction=lax.pmean(local.dropped_fraction, axes),
+      router_entropy=lax.pmean(local.router_entropy, axes),
+      nonfinite_tokens=lax.psum(local.nonfinite_tokens, axes))
+
+
+def _local_ffn(rows: Array, params: MoEParams, group_sizes: Array,
+               config: MoEConfig) -> Array:
+  return moe_lib.expert_ffn(rows, params.w_up, params.w_down, params.w_gate,
+                            group_sizes, config.activation,
+                            implementation=config.gmm_implementation)
+
+
+def _gather(x: Array, src: Array, dst: Array) -> Array:
+  """out[r] = x[src[r]] (zeros for src == len(x)), with a gather-only VJP.
+
+  `dst` is the inverse map: dst[i] is the output row of input row i (len(out) if
+  none). `permute`'s row gather, reused for the exchange's reorderings.
+  """
+  return permute_lib._permute_rows(x, src, dst[:, None])
+
+
+def _exchange_all_gather(xt: Array, experts: Array, weights: Array,
+                         params: MoEParams, config: MoEConfig, axis: str):
+  """All-gather tokens over the expert axis, local experts on all, reduce-scatter.
+
+  Returns y [T_l, D] and the rows this device computed (int32 []).
+  """
+  e_l = params.w_up.shape[0]
+  gather = lambda a: lax.all_gather(a, axis, axis=0, tiled=True)
+  xg, eg, wg = gather(xt), gather(experts), gather(weights)  # n * T_l tokens
+  local = eg - lax.axis_index(axis) * e_l  # local expert ids; others -> -1
+  local = jnp.where((local >= 0) & (local < e_l), local, -1)
+  # capacity = all tokens: nothing dropped, buffer min(k, E_l) * n * T_l rows.
+  rows, plan = permute_lib.permute(xg, local, num_experts=e_l, capacity=xg.shape[0])
+  out = _local_ffn(rows, params, plan.group_sizes, config)
+  partial = permute_lib.unpermute(out, plan, wg)  # this device's experts only
+  y = lax.psum_scatter(partial, axis, scatter_dimension=0, tiled=True)
+  return y, jnp.sum(plan.group_sizes)
+
+
+class _Route(NamedTuple):
+  """How `_a2a_dispatch` moved the rows, for `_a2a_return` to move them back."""
+
+  send_plan: permute_lib.DispatchPlan  # the plan in the [n * block] send layout
+  to_compact: Array  # int32 [n * block]: received row -> compact row (or n*block)
+  from_compact: Array  # int32 [n * block]: compact row -> received row (or n*block)
+
+
+def _exchange_all_to_all(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
+                         weights: Array, params: MoEParams, config: MoEConfig,
+                         axis: str, block: int) -> Array:
+  """Two `lax.all_to_all`s with static blocks of `block` rows per device pair.
+
+  Pairs past `block` are not sent (the caller makes sure there are none).
+  """
+  rows, sizes, route = _a2a_dispatch(xt, experts, plan, axis, block)
+  out = _local_ffn(rows, params, sizes, config)
+  return _a2a_return(out, route, weights, axis)
+
+
+def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
+                  axis: str, block: int) -> tuple[Array, Array, _Route]:
+  """Sends every dispatched pair to the device of its expert.
+
+  Sender: the plan's compact expert-sorted rows are laid out as n blocks
+  [n * block, D], block j holding the rows of device j's experts (expert order,
+  then zeros). Receiver: [n * block, D] from the n sources, reordered into one
+  compact run per local expert for the grouped matmul.
+
+  Returns:
+    rows: [n * block, D], local experts' rows, expert-sorted (zeros past the end).
+    sizes: int32 [E_l] rows per local expert.
+    route: for `_a2a_return`.
+  """
+  t, k = plan.slot_row.shape
+  n = lax.axis_size(axis)
+  num_experts = plan.group_sizes.shape[0]
+  e_l = num_experts // n
+  nb = n * block
+
+  # Sender layout: pair (t, j) -> row dest * block + (its row - dest's first row).
+  counts = plan.group_sizes.reshape(n, e_l)  # [n, E_l] rows for each device
+  dest = jnp.clip(experts, 0, num_experts - 1) // e_l
+  pos = plan.slot_row - jnp.take(plan.indptr, dest * e_l)
+  send_row = jnp.where((plan.slot_row < plan.num_rows) & (pos < block),
+                       dest * block + pos, nb).astype(jnp.int32)
+  row_slot = jnp.full((nb,), t * k, jnp.int32).at[send_row.reshape(-1)].set(
+      jnp.arange(t * k, dtype=jnp.int32), mode="drop", unique_indices=True)
+  row_token = jnp.where(row_slot < t * k, row_slot // k, t).astype(jnp.int32)
+  send_plan = dataclasses.replace(plan, row_token=row_token, row_slot=row_slot,
+                                  slot_row=send_row)
+
+  send = permute_lib._permute_rows(xt, row_token, send_row)  # [n * block, D]
+  recv = lax.all_to_all(send, axis, 0, 0, tiled=True)  # block s from source s
+  recv_counts = lax.all_to_all(counts, axis, 0, 0, tiled=True)  # [n_src, E_l]
+
+  # Receiver: row (s, p) holds local expert e; its compact row is
+  # (rows of experts < e) + (rows of e from sources < s) + (p - start of e in s).
+  q = jnp.arange(nb, dtype=jnp.int32)
+  s, p = q // block, q % block
+  end = jnp.cumsum(recv_counts, axis=1)  # [n, E_l] inclusive, per source
+  e = jnp.sum(p[:, None] >= end[s], axis=1)  # == E_l past the source's rows
+  valid = e < e_l
+  ec = jnp.minimum(e, e_l - 1)
+  sizes = recv_counts.sum(axis=0)  # [E_l] group sizes
+  first = (jnp.cumsum(sizes) - sizes)[ec]
+  from_earlier = (jnp.cumsum(recv_counts, axis=0) - recv_counts)[s, ec]
+  offset = p - (end - recv_counts)[s, ec]
+  to_compact = jnp.where(valid, first + from_earlier + offset, nb).astype(jnp.int32)
+  from_compact = jnp.full((nb,), nb, jnp.int32).at[to_compact].set(
+      q, mode="drop", unique_indices=True)
+  rows = _gather(recv, from_compact, to_compact)
+  return rows, sizes, _Route(send_plan, to_compact, from_compact)
+
+
+def _a2a_return(out: Array, route: _Route, weights: Array, axis: str) -> Array:
+  """Sends the expert outputs back and combines them: y [T_l, D]."""
+  back = _gather(out, route.to_compact, route.from_compact)
+  ret = lax.all_to_all(back, axis, 0, 0, tiled=True)  # my rows, in send layout
+  return permute_lib.unpermute(ret, route.send_plan, weights)

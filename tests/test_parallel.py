@@ -1,0 +1,287 @@
+"""Expert parallelism on 8 fake CPU devices against the single-device layer.
+
+Oracle: `jmoe.moe_ffn` on one device. "dropless" and "all_gather" must equal it on
+the whole batch; "all_to_all" must equal it run on each token shard separately with
+the per-shard capacity (its documented rule), with the aux metrics of the whole
+batch. Outputs, every aux field and the gradients (x, router, experts, shared
+expert) are compared at float32 tolerance.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+import jmoe
+from jmoe import parallel
+from tests.utils import assert_rel, assert_tree_rel
+
+T, D, F, E, K = 64, 16, 32, 8, 2
+X_SHAPE = (16, 4, D)  # 64 tokens; the leading dim is what the data axes split
+SHARDS = 8  # token shards on every mesh below (all 8 devices)
+CF = 1.0  # per-shard capacity factor of the all_to_all tests: C = 2 rows / expert
+
+MESHES = {
+    "8": ((8,), ("expert",)),
+    "2x4": ((2, 4), ("data", "expert")),
+    "4x2": ((4, 2), ("data", "expert")),
+}
+DISPATCHERS = ("dropless", "all_to_all", "all_gather")
+CONFIG = jmoe.MoEConfig()
+
+
+@functools.cache
+def mesh(name, auto=False):
+  shape, names = MESHES[name]
+  types = (AxisType.Auto,) * len(shape) if auto else None
+  return jax.make_mesh(shape, names, axis_types=types)
+
+
+@functools.cache
+def inputs():
+  # A (zero) router bias in every test keeps one pytree structure, so the skewed
+  # routings below reuse the compiled functions.
+  params = jmoe.init_params(jax.random.key(0), D, F, E, shared_d_ff=8,
+                            shared_gate=True, router_bias=True)
+  x = jax.random.normal(jax.random.key(1), X_SHAPE, jnp.float32)
+  ct = jax.random.normal(jax.random.key(2), X_SHAPE, jnp.float32)
+  return x, params, ct
+
+
+def skewed(params, bias):
+  """Same params with a selection bias: routing forced by `bias`."""
+  return dataclasses.replace(params, router_bias=jnp.asarray(bias, jnp.float32))
+
+
+def loss(y, aux, ct):
+  return (jnp.sum(y.astype(jnp.float32) * ct) + aux.balance_loss
+          + 0.1 * aux.z_loss + 0.01 * aux.router_entropy)
+
+
+def _value_and_grads(layer):
+  """jit(x, params, ct -> (y, aux, extra), (dx, dparams))."""
+  def f(x, params, ct):
+    out = layer(x, params)
+    return loss(out[0], out[1], ct), out
+  g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+  return jax.jit(lambda x, p, ct: (lambda r: (r[0][1], r[1]))(g(x, p, ct)))
+
+
+def _key(seed):
+  return None if seed is None else jax.random.key(seed)
+
+
+@functools.cache
+def reference(config=CONFIG, seed=None):
+  """Single-device moe_ffn on the whole batch: (y, aux), grads."""
+  return _value_and_grads(lambda x, p: jmoe.moe_ffn(x, p, config, key=_key(seed)))
+
+
+def _per_shard(x, params, config, cf):
+  """The documented all_to_all rule on one device: capacity mode on each shard."""
+  cap = dataclasses.replace(config, capacity_factor=cf)
+  xs = jnp.split(x.reshape(-1, x.shape[-1]), SHARDS)  # token order
+  outs = [jmoe.moe_ffn(xi, params, cap) for xi in xs]
+  _, full = jmoe.moe_ffn(x, params, config)  # routing-only metrics: whole batch
+  dropped = jnp.mean(jnp.stack([a.dropped_fraction for _, a in outs]))
+  aux = dataclasses.replace(full, dropped_fraction=dropped)
+  return jnp.concatenate([y for y, _ in outs]).reshape(x.shape), aux
+
+
+@functools.cache
+def shard_reference(config=CONFIG, cf=CF):
+  return _value_and_grads(lambda x, p: _per_shard(x, p, config, cf))
+
+
+@functools.cache
+def expert_parallel(ep, config=CONFIG, seed=None):
+  return _value_and_grads(
+      lambda x, p: ep.moe_ffn_with_stats(x, p, config, key=_key(seed)))
+
+
+def run(ep, x, params, ct, config=CONFIG, seed=None):
+  """The expert-parallel layer and its reference; returns the stats."""
+  xs, ps = parallel.shard_inputs(x, ep), parallel.shard_params(params, ep)
+  (y, aux, stats), grads = expert_parallel(ep, config, seed)(xs, ps, ct)
+  if ep.dispatcher == "all_to_all":
+    (ry, raux), rgrads = shard_reference(config, ep.capacity_factor)(x, params, ct)
+  else:
+    (ry, raux), rgrads = reference(config, seed)(x, params, ct)
+  what = f"{ep.dispatcher} on {dict(ep.mesh.shape)}"
+  assert y.shape == x.shape and y.dtype == x.dtype
+  assert_rel(y, ry, x.dtype, f"{what}: y")
+  assert_tree_rel(aux, raux, jnp.float32, f"{what}: aux")
+  np.testing.assert_array_equal(np.asarray(aux.tokens_per_expert),
+                                np.asarray(raux.tokens_per_expert))
+  assert_tree_rel(grads, rgrads, x.dtype, f"{what}: grads")
+  return aux, stats
+
+
+def make_ep(mesh_name, dispatcher, **kw):
+  if dispatcher == "all_to_all":
+    kw.setdefault("capacity_factor", CF)
+  if dispatcher == "dropless":
+    kw.setdefault("dropless_bound", 3.0)  # a2a path for this routing (checked)
+  return parallel.ExpertParallel(mesh(mesh_name), dispatcher=dispatcher, **kw)
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_matches_single_device(dispatcher, mesh_name):
+  x, params, ct = inputs()
+  ep = make_ep(mesh_name, dispatcher)
+  aux, stats = run(ep, x, params, ct)
+  assert int(stats.fallback) == 0  # the all-to-all path itself was compared
+  assert int(stats.max_block_rows) <= int(stats.block_rows)
+  if dispatcher == "all_to_all":
+    assert float(aux.dropped_fraction) > 0  # the capacity rule was exercised
+
+
+@pytest.mark.parametrize("mesh_name", ["8", "2x4"])
+def test_dropless_overflow_falls_back(mesh_name):
+  """Every token on experts 0 and 1 (device 0): blocks overflow, the all-gather
+  path runs, nothing is dropped, experts 2..7 get zero tokens."""
+  x, params, ct = inputs()
+  params = skewed(params, [10.0, 9.0] + [0.0] * (E - 2))
+  ep = make_ep(mesh_name, "dropless", dropless_bound=2.0)
+  aux, stats = run(ep, x, params, ct)
+  assert int(stats.fallback) == 1
+  assert int(stats.max_block_rows) > int(stats.block_rows)
+  np.testing.assert_array_equal(np.asarray(aux.tokens_per_expert),
+                                [T, T] + [0] * (E - 2))
+  assert float(aux.dropped_fraction) == 0.0
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_zero_token_experts(dispatcher):
+  """Experts 6 and 7 (device 3 of the 2x4 mesh) get no tokens at all."""
+  x, params, ct = inputs()
+  params = skewed(params, [0.0] * (E - 2) + [-100.0, -100.0])
+  aux, stats = run(make_ep("2x4", dispatcher), x, params, ct)
+  assert np.all(np.asarray(aux.tokens_per_expert)[-2:] == 0)
+  if dispatcher == "dropless":
+    assert int(stats.fallback) == 0
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_tokens_replicated_over_expert_axis(dispatcher):
+  """data_axes=("data",): x split over "data" only; the layer splits each data
+  shard's tokens over the expert axis itself (still 8 token shards)."""
+  x, params, ct = inputs()
+  ep = make_ep("2x4", dispatcher, data_axes=("data",))
+  assert ep.num_token_shards == SHARDS
+  run(ep, x, params, ct)
+
+
+@pytest.mark.parametrize("dispatcher", ["dropless", "all_gather"])
+def test_exact_dispatchers_follow_global_capacity(dispatcher):
+  """MoEConfig.capacity_factor under an exact dispatcher: the single-device
+  capacity of the whole batch (first C pairs of each expert in token order)."""
+  x, params, ct = inputs()
+  config = jmoe.MoEConfig(capacity_factor=0.75)
+  aux, _ = run(make_ep("2x4", dispatcher), x, params, ct, config)
+  assert float(aux.dropped_fraction) > 0
+
+
+def test_router_noise_matches_whole_batch_draws():
+  x, params, ct = inputs()
+  config = jmoe.MoEConfig(router=jmoe.RouterConfig(jitter_eps=0.1, noise_std=0.5))
+  run(make_ep("2x4", "dropless"), x, params, ct, config, seed=7)
+
+
+def test_all_to_all_takes_capacity_from_config():
+  x, params, ct = inputs()
+  config = jmoe.MoEConfig(capacity_factor=CF)
+  ep = parallel.ExpertParallel(mesh("8"), dispatcher="all_to_all")
+  xs, ps = parallel.shard_inputs(x, ep), parallel.shard_params(params, ep)
+  y, aux = jax.jit(lambda a, b: ep.moe_ffn(a, b, config))(xs, ps)
+  (ry, raux), _ = shard_reference(CONFIG, CF)(x, params, ct)  # compiled already
+  assert_rel(y, ry, jnp.float32, "y")
+  assert_tree_rel(aux, raux, jnp.float32, "aux")
+
+
+def test_bfloat16_and_auto_mesh():
+  """bf16 activations and weights on a mesh of Auto axes (with_sharding_constraint)."""
+  x, params, _ = inputs()
+  x = x.astype(jnp.bfloat16)
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  ep = parallel.ExpertParallel(mesh("2x4", auto=True), data_axes="data")
+  y, aux = jax.jit(ep.moe_ffn)(parallel.shard_inputs(x, ep),
+                               parallel.shard_params(params, ep))
+  ry, raux = jax.jit(jmoe.moe_ffn)(x, params)
+  assert y.dtype == jnp.bfloat16
+  assert_rel(y, ry, jnp.bfloat16, "bf16 y")
+  assert_rel(aux.balance_loss, raux.balance_loss, jnp.float32, "bf16 balance")
+
+
+def test_nonfinite_tokens_are_counted_globally():
+  x, params, _ = inputs()
+  x = x.at[3, 1, 0].set(jnp.nan).at[12, 0, 5].set(jnp.inf)
+  ep = make_ep("4x2", "dropless")
+  _, aux = jax.jit(ep.moe_ffn)(parallel.shard_inputs(x, ep),
+                               parallel.shard_params(params, ep))
+  _, raux = jax.jit(jmoe.moe_ffn)(x, params)
+  assert int(aux.nonfinite_tokens) == int(raux.nonfinite_tokens) == 2
+
+
+def test_sharding_helpers():
+  x, params, _ = inputs()
+  ep = make_ep("2x4", "dropless")
+  ps = parallel.shard_params(params, ep)
+  assert ps.w_up.sharding.spec == jax.sharding.PartitionSpec("expert")
+  assert ps.router.sharding.spec == jax.sharding.PartitionSpec()
+  assert ps.w_up.addressable_shards[0].data.shape == (E // 4, D, F)
+  xs = parallel.shard_inputs(x, ep)
+  assert xs.sharding.spec == jax.sharding.PartitionSpec(("data", "expert"))
+  y, _ = jax.jit(ep.moe_ffn)(xs, ps)
+  assert y.sharding.is_equivalent_to(xs.sharding, y.ndim)
+  assert hash(ep) == hash(make_ep("2x4", "dropless"))  # usable as a static arg
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_error_experts_not_divisible():
+  x, _, _ = inputs()
+  params = jmoe.init_params(jax.random.key(0), D, F, 6)
+  ep = parallel.ExpertParallel(mesh("2x4"))
+  with pytest.raises(ValueError, match=r"experts \(6.*divisible.*expert_axis.*\(4\)"):
+    ep.moe_ffn(x, params)
+
+
+def test_error_tokens_not_divisible():
+  _, params, _ = inputs()
+  ep = parallel.ExpertParallel(mesh("8"))
+  with pytest.raises(ValueError, match=r"leading dimension \(12.*data_axes.*\(8\)"):
+    ep.moe_ffn(jnp.zeros((12, D)), params)
+  ep = parallel.ExpertParallel(mesh("2x4"), data_axes="data")
+  with pytest.raises(ValueError, match=r"tokens \(6.*token shards \(8"):
+    ep.moe_ffn(jnp.zeros((2, 3, D)), params)
+
+
+def test_error_unknown_axes():
+  m = mesh("2x4")
+  with pytest.raises(ValueError, match=r"`expert_axis`='experts'.*\('data', 'expert'\)"):
+    parallel.ExpertParallel(m, expert_axis="experts")
+  with pytest.raises(ValueError, match=r"'batch' in `data_axes`.*\('data', 'expert'\)"):
+    parallel.ExpertParallel(m, data_axes=("batch",))
+
+
+def test_error_bad_options():
+  m = mesh("8")
+  with pytest.raises(ValueError, match=r"`dispatcher`='ragged'.*'all_to_all'"):
+    parallel.ExpertParallel(m, dispatcher="ragged")
+  with pytest.raises(ValueError, match="capacity_factor"):
+    parallel.ExpertParallel(m, dispatcher="dropless", capacity_factor=1.0)
+  with pytest.raises(ValueError, match="dropless_bound"):
+    parallel.ExpertParallel(m, dropless_bound=0.5)
+  x, params, _ = inputs()
+  with pytest.raises(ValueError, match="needs a capacity factor"):
+    parallel.ExpertParallel(m, dispatcher="all_to_all").moe_ffn(x, params)
+  config = jmoe.MoEConfig(router=jmoe.RouterConfig(kind="expert_choice"))
+  with pytest.raises(ValueError, match="expert-choice"):
+    parallel.ExpertParallel(m).moe_ffn(x, params, config)
