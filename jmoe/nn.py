@@ -48,6 +48,7 @@ needs an active mesh and rules naming every logical axis, e.g.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import functools
 from typing import Any, Literal
 
@@ -443,6 +444,7 @@ class Attention(nnx.Module):
     k_proj, v_proj: [D, K, hd] ("embed", "kv_heads", "head_dim")
     o_proj: [H, hd, D] ("q_heads", "head_dim", "embed")   = W.T.reshape(H, hd, D)
     q_bias: [H, hd], k_bias / v_bias: [K, hd] when `qkv_bias` (Qwen2), else None.
+    o_bias: [D] ("embed",) when `out_bias`, else None.
     q_norm / k_norm (`qk_norm`):
       "per_head": [hd] ("head_dim",), RMSNorm of each head (Qwen3).
       "full": [H, hd] / [K, hd], RMSNorm over the whole projected width before the
@@ -455,6 +457,7 @@ class Attention(nnx.Module):
     head_dim: hd (even); None: D // H.
     rope_theta: RoPE base.
     qkv_bias: biases on the q/k/v projections.
+    out_bias: a bias on the output projection.
     qk_norm: None, "per_head" or "full".
     norm_eps: epsilon of the q/k RMSNorms.
     dtype: compute dtype (None: x.dtype); param_dtype: storage dtype.
@@ -463,6 +466,7 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, *,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                rope_theta: float = 10000.0, qkv_bias: bool = False,
+               out_bias: bool = False,
                qk_norm: Literal["per_head", "full"] | None = None,
                norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32,
                eager_sharding: bool = False, rngs: nnx.Rngs):
@@ -509,6 +513,7 @@ class Attention(nnx.Module):
     self.q_bias = zeros((h, hd), ("q_heads", "head_dim")) if qkv_bias else None
     self.k_bias = zeros((k, hd), ("kv_heads", "head_dim")) if qkv_bias else None
     self.v_bias = zeros((k, hd), ("kv_heads", "head_dim")) if qkv_bias else None
+    self.o_bias = zeros((d,), ("embed",)) if out_bias else None
     if qk_norm == "per_head":
       self.q_norm = ones((hd,), ("head_dim",))
       self.k_norm = ones((hd,), ("head_dim",))
@@ -532,7 +537,7 @@ class Attention(nnx.Module):
 
   def project_out(self, o: Array) -> Array:
     """[B, S, H, hd] -> [B, S, D]."""
-    return _proj(o, self.o_proj[...], "bsnh,nhd->bsd")
+    return _proj(o, self.o_proj[...], "bsnh,nhd->bsd", _value(self.o_bias))
 
   def __call__(self, x: Array, *, positions: Array | None = None) -> Array:
     """Causal self-attention.
@@ -559,6 +564,46 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x, positions)
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return self.project_out(o)
+
+  def decode(self, x: Array, k_cache: Array, v_cache: Array, index: Array
+             ) -> tuple[Array, Array, Array]:
+    """Causal attention of x against a KV cache (prefill or one decode step).
+
+    The S tokens of x sit at positions index .. index+S-1 (the same for every
+    row); their keys and values are written into the cache at those slots, and
+    each attends to the cache slots up to its own position.
+
+    Args:
+      x: [B, S, d_model].
+      k_cache, v_cache: [B, T, K, hd], slots [0, index) already filled.
+      index: int32 [], the number of filled slots (index + S <= T).
+
+    Returns:
+      y [B, S, d_model] in the compute dtype, and the updated k_cache, v_cache.
+    """
+    fn = "Attention.decode"
+    checks.check_rank(fn, "x", x, 3, "[batch, seq, d_model]")
+    _check_features(fn, x, self.d_model)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    b, s, _ = x.shape
+    t = k_cache.shape[1]
+    shape = (b, t, self.num_kv_heads, self.head_dim)
+    if k_cache.shape != shape or v_cache.shape != shape:
+      raise ValueError(
+          f"{fn}: `k_cache` and `v_cache` must have shape [batch, max_len,"
+          f" kv_heads, head_dim]={shape}; got {k_cache.shape}, {v_cache.shape}.")
+    index = jnp.asarray(index, jnp.int32)
+    pos = index + jnp.arange(s, dtype=jnp.int32)  # [S]
+    q, k, v = self.project_qkv(x, jnp.broadcast_to(pos, (b, s)))
+    start = (0, index, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+    mask = jnp.arange(t, dtype=jnp.int32)[None, :] <= pos[:, None]  # [S, T]
+    o = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype),
+                                     v_cache.astype(q.dtype),
+                                     mask=mask[None, None])
+    return self.project_out(o), k_cache, v_cache
 
 
 # ------------------------------------------------------------------------------
@@ -589,6 +634,7 @@ class TransformerBlock(nnx.Module):
                router_bias: bool = False, parallel: Any = None,
                activation: str = "swiglu", head_dim: int | None = None,
                rope_theta: float = 10000.0, qkv_bias: bool = False,
+               out_bias: bool = False,
                qk_norm: Literal["per_head", "full"] | None = None,
                norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32,
                eager_sharding: bool = False, rngs: nnx.Rngs):
@@ -601,8 +647,9 @@ class TransformerBlock(nnx.Module):
                                       eager_sharding, rngs)
     self.attn = Attention(d_model, num_heads, num_kv_heads=num_kv_heads,
                           head_dim=head_dim, rope_theta=rope_theta,
-                          qkv_bias=qkv_bias, qk_norm=qk_norm, norm_eps=norm_eps,
-                          dtype=dtype, param_dtype=param_dtype, rngs=rngs, **es)
+                          qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=qk_norm,
+                          norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs, **es)
     self.mlp_norm = _rms_norm_module(d_model, norm_eps, dtype, param_dtype,
                                      eager_sharding, rngs)
     if self.is_moe:
@@ -620,9 +667,22 @@ class TransformerBlock(nnx.Module):
     """x [B, S, D] -> (x [B, S, D], aux: `MoEAux`, or None for a dense block)."""
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    dt = x.dtype
-    x = x + self.attn(self.attn_norm(x).astype(dt), positions=positions)
-    h = self.mlp_norm(x).astype(dt)
+    x = x + self.attn(self.attn_norm(x).astype(x.dtype), positions=positions)
+    return self._mlp_residual(x, key)
+
+  def decode(self, x: Array, k_cache: Array, v_cache: Array, index: Array
+             ) -> tuple[Array, Array, Array]:
+    """The block on x [B, S, D] at positions index.. against a KV cache
+    (`Attention.decode`). Returns (x, k_cache, v_cache); no aux, no router noise."""
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    a, k_cache, v_cache = self.attn.decode(self.attn_norm(x).astype(x.dtype),
+                                           k_cache, v_cache, index)
+    x, _ = self._mlp_residual(x + a, None)
+    return x, k_cache, v_cache
+
+  def _mlp_residual(self, x: Array, key: Array | None):
+    h = self.mlp_norm(x).astype(x.dtype)
     if self.is_moe:
       y, aux = self.mlp(h, key=key)
     else:
@@ -644,12 +704,34 @@ def moe_layer_pattern(num_layers: int, *, first_dense: int = 0,
   return tuple(i >= first_dense and i % every == 0 for i in range(num_layers))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """A static-shape key/value cache of a `MoETransformerLM` (all layers stacked).
+
+  Attributes:
+    k, v: [layers, B, max_len, kv_heads, head_dim].
+    index: int32 [], the number of filled positions (the next token's position).
+  """
+
+  k: Array
+  v: Array
+  index: Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
 class MoETransformerLM(nnx.Module):
   """A decoder-only language model with MoE (and optionally dense) layers.
 
   embed -> blocks -> final RMSNorm -> head (tied: `embed.attend`).
 
     logits, aux = lm(tokens)   # logits float32 [B, S, vocab]
+
+  Decoding with a static-shape KV cache (`KVCache`): `init_cache` then `decode`;
+  `generate(lm, prompt, n)` wraps both.
 
   `aux` is the `jmoe.MoEAux` of the MoE layers stacked along a leading layer axis
   (`aux.balance_loss`: [num_moe_layers], `aux.tokens_per_expert`:
@@ -672,7 +754,8 @@ class MoETransformerLM(nnx.Module):
       of an MoE layer).
     shared_d_ff, shared_gate, router_bias, parallel: passed to every `MoE`.
     tie_embeddings: logits = embed.attend(h) instead of a separate head.
-    num_kv_heads, head_dim, rope_theta, qkv_bias, qk_norm: passed to `Attention`.
+    num_kv_heads, head_dim, rope_theta, qkv_bias, out_bias, qk_norm: passed to
+      `Attention`.
     norm_eps: epsilon of every RMSNorm.
     dtype: compute dtype (None: param_dtype); param_dtype: storage dtype.
   """
@@ -686,6 +769,7 @@ class MoETransformerLM(nnx.Module):
                parallel: Any = None, tie_embeddings: bool = False,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                rope_theta: float = 10000.0, qkv_bias: bool = False,
+               out_bias: bool = False,
                qk_norm: Literal["per_head", "full"] | None = None,
                norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32,
                eager_sharding: bool = False, rngs: nnx.Rngs):
@@ -721,8 +805,9 @@ class MoETransformerLM(nnx.Module):
           num_experts=num_experts if is_moe else 0, shared_d_ff=shared_d_ff,
           shared_gate=shared_gate, router_bias=router_bias, parallel=parallel,
           activation=moe.activation, head_dim=head_dim, rope_theta=rope_theta,
-          qkv_bias=qkv_bias, qk_norm=qk_norm, norm_eps=norm_eps, dtype=dtype,
-          param_dtype=param_dtype, rngs=rngs, **es))
+          qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=qk_norm,
+          norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+          **es))
     self.blocks = nnx.List(blocks)
     self.final_norm = _rms_norm_module(d_model, norm_eps, dtype, param_dtype,
                                        eager_sharding, rngs)
@@ -755,14 +840,63 @@ class MoETransformerLM(nnx.Module):
       x, aux = block(x, positions=positions, key=k)
       if aux is not None:
         auxes.append(aux)
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None
+    return self._logits(x), aux
+
+  def _logits(self, x: Array) -> Array:
     h = self.final_norm(x).astype(x.dtype)
     if self.head is None:
       logits = self.embed.attend(h)
     else:
       logits = jnp.dot(h, self.head[...].astype(h.dtype),
                        preferred_element_type=jnp.float32)
-    aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None
-    return logits.astype(jnp.float32), aux
+    return logits.astype(jnp.float32)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty `KVCache` for `batch_size` sequences of up to `max_len` tokens.
+
+    dtype: of the cached keys / values; None: the compute dtype.
+    """
+    attn = self.blocks[0].attn
+    if dtype is None:
+      dtype = self.dtype if self.dtype is not None else self.embed.embedding.dtype
+    shape = (len(self.blocks), batch_size, max_len, attn.num_kv_heads,
+             attn.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   index=jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """Runs tokens [B, S] at positions cache.index .. cache.index+S-1.
+
+    The prefill (the whole prompt, S = prompt length) and each decode step (S = 1)
+    are this one call; `nnx.jit` it (shapes are static, so one compile per S).
+    Router noise is off and no aux is returned. index + S must not exceed the
+    cache's max_len (the index is traced, so this is not checked).
+
+    Returns:
+      logits: float32 [B, S, vocab].
+      cache: the `KVCache` with the S new keys / values and index + S.
+    """
+    fn = "MoETransformerLM.decode"
+    checks.check_rank(fn, "tokens", tokens, 2, "[batch, seq]")
+    checks.check_integer(fn, "tokens", tokens)
+    b, s = tokens.shape
+    if cache.k.shape[:2] != (len(self.blocks), b):
+      raise ValueError(
+          f"{fn}: the cache is for {cache.k.shape[0]} layers and batch"
+          f" {cache.k.shape[1]}; this model has {len(self.blocks)} layers and"
+          f" tokens have batch {b}.")
+    if s > cache.max_len:
+      raise ValueError(
+          f"{fn}: {s} tokens do not fit a cache of max_len={cache.max_len}.")
+    x = self.embed(tokens)
+    ks, vs = [], []
+    for i, block in enumerate(self.blocks):
+      x, k, v = block.decode(x, cache.k[i], cache.v[i], cache.index)
+      ks.append(k)
+      vs.append(v)
+    cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), index=cache.index + s)
+    return self._logits(x), cache
 
   def moe_blocks(self) -> list[MoE]:
     """The `MoE` modules, in layer order (the order of the stacked aux)."""
@@ -785,3 +919,99 @@ class MoETransformerLM(nnx.Module):
           f" {np.shape(tokens_per_expert)}.")
     for i, layer in enumerate(layers):
       layer.update_bias(tokens_per_expert[i], rate=rate)
+
+
+# ------------------------------------------------------------------------------
+# Generation.
+# ------------------------------------------------------------------------------
+
+
+def sample_logits(logits: Array, key: Array | None, *, temperature=0.0,
+                  top_p=1.0) -> Array:
+  """Next tokens int32 [B] from logits [B, vocab].
+
+  temperature == 0 (a Python number): greedy (argmax; `key` unused). Otherwise
+  softmax(logits / temperature) restricted to the nucleus: the most probable
+  tokens whose cumulative probability before them is below `top_p` (always at
+  least the top token), as Hugging Face's temperature then top-p warpers.
+  `temperature` and `top_p` may be traced scalars.
+  """
+  if isinstance(temperature, (int, float)) and temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+  threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+  logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model: MoETransformerLM, prompt_tokens: Array, max_new_tokens: int,
+             *, temperature: float = 0.0, top_p: float = 1.0,
+             key: Array | None = None, eos_id: int | None = None) -> Array:
+  """Autoregressive generation with a static-shape KV cache, in one jitted call.
+
+  The prompt is prefilled in one `decode` call, then a `lax.scan` runs one-token
+  decode steps; the cache holds prompt + max_new_tokens positions, so every shape
+  is static. One compile per (model, shapes, greedy or not); temperature, top_p
+  and eos_id are traced.
+
+  Args:
+    model: a `MoETransformerLM`.
+    prompt_tokens: int [B, P] prompts, all of length P (no padding).
+    max_new_tokens: N, tokens to generate per row.
+    temperature: 0.0: greedy; > 0: sampling from softmax(logits / temperature).
+    top_p: nucleus sampling threshold in (0, 1] (1.0: off). Sampling only.
+    key: PRNG key, required when sampling.
+    eos_id: once a row emits this token, its remaining tokens are eos_id.
+
+  Returns:
+    int32 [B, P + N]: the prompts followed by the generated tokens.
+  """
+  fn = "generate"
+  checks.check_rank(fn, "prompt_tokens", prompt_tokens, 2, "[batch, prompt_len]")
+  checks.check_integer(fn, "prompt_tokens", prompt_tokens)
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    raise ValueError(
+        f"{fn}: `max_new_tokens` must be an int >= 0; got {max_new_tokens!r}.")
+  if temperature < 0:
+    raise ValueError(f"{fn}: `temperature` must be >= 0; got {temperature}.")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"{fn}: `top_p` must be in (0, 1]; got {top_p}.")
+  greedy = temperature == 0
+  if not greedy and key is None:
+    raise ValueError(f"{fn}: sampling (temperature > 0) needs a PRNG `key`.")
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  if max_new_tokens == 0:
+    return prompt_tokens
+  key = jax.random.key(0) if key is None else key
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, prompt_tokens, key,
+                   jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p),
+                   jnp.int32(-1 if eos_id is None else eos_id),
+                   max_new_tokens=max_new_tokens, greedy=greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens",
+                                             "greedy"))
+def _generate(graphdef, state, prompt, key, temperature, top_p, eos, *,
+              max_new_tokens, greedy):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt.shape
+  pick = functools.partial(sample_logits, temperature=0 if greedy else temperature,
+                           top_p=top_p)
+  keys = jax.random.split(key, max_new_tokens)
+  cache = model.init_cache(b, p + max_new_tokens)
+  logits, cache = model.decode(prompt, cache)
+  first = pick(logits[:, -1], keys[0])
+
+  def step(carry, k):
+    token, cache, done = carry
+    logits, cache = model.decode(token[:, None], cache)
+    token = jnp.where(done, eos, pick(logits[:, 0], k))
+    return (token, cache, done | (token == eos)), token
+
+  _, rest = jax.lax.scan(step, (first, cache, first == eos), keys[1:])  # [N-1, B]
+  return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)

@@ -189,20 +189,22 @@ def _attention_reference(attn, x, positions):
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p = p / p.sum(-1, keepdims=True)
   o = np.einsum("bhqk,bkhd->bqhd", p, v)
-  return o.reshape(b, s, h * hd) @ g(attn.o_proj).reshape(h * hd, d)
+  out = o.reshape(b, s, h * hd) @ g(attn.o_proj).reshape(h * hd, d)
+  return out if attn.o_bias is None else out + g(attn.o_bias)
 
 
 @pytest.mark.parametrize("qk_norm", ["per_head", "full"])
 def test_attention_matches_reference(qk_norm):
-  attn = jnn.Attention(D, H, num_kv_heads=KV, qkv_bias=True, qk_norm=qk_norm,
-                       rope_theta=500.0, rngs=nnx.Rngs(0))
+  attn = jnn.Attention(D, H, num_kv_heads=KV, qkv_bias=True, out_bias=True,
+                       qk_norm=qk_norm, rope_theta=500.0, rngs=nnx.Rngs(0))
   assert attn.q_proj.shape == (D, H, 4) and attn.k_proj.shape == (D, KV, 4)
-  ks = jax.random.split(jax.random.key(3), 6)
+  ks = jax.random.split(jax.random.key(3), 7)
   # Non-trivial biases and norm scales so that every piece matters.
-  for i, name in enumerate(["q_bias", "k_bias", "v_bias", "q_norm", "k_norm"]):
+  for i, name in enumerate(["q_bias", "k_bias", "v_bias", "q_norm", "k_norm",
+                            "o_bias"]):
     var = getattr(attn, name)
     var[...] = 1.0 + 0.5 * jax.random.normal(ks[i], var.shape)
-  x = jax.random.normal(ks[5], (2, 5, D))
+  x = jax.random.normal(ks[6], (2, 5, D))
   positions = jnp.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
   y = nnx.jit(lambda a, x, p: a(x, positions=p))(attn, x, positions)
   assert y.shape == (2, 5, D)
@@ -342,6 +344,85 @@ def test_lm_training_step_reduces_loss_and_leaves_bias():
   load = np.asarray(aux.tokens_per_expert[0], np.float64)
   np.testing.assert_allclose(np.asarray(bias[...]) - bias_before,
                              0.01 * np.sign(load.mean() - load), atol=1e-7)
+
+
+# ------------------------------------------------------------------------------
+# KV-cache decoding and generation.
+# ------------------------------------------------------------------------------
+
+
+def _decode_lm():
+  return jnn.MoETransformerLM(V, D, 2, H, F, num_experts=E, moe_layers=(True, False),
+                              num_kv_heads=KV, qkv_bias=True, out_bias=True,
+                              qk_norm="full", shared_d_ff=F, rngs=nnx.Rngs(0))
+
+
+def test_decode_with_kv_cache_matches_forward():
+  lm = _decode_lm()
+  tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, V)
+  full, _ = nnx.jit(lambda m, t: m(t))(lm, tokens)
+  cache = lm.init_cache(2, 10)
+  assert cache.k.shape == (2, 2, 10, KV, D // H) and int(cache.index) == 0
+  decode = nnx.jit(lambda m, t, c: m.decode(t, c))
+  # Prefill 5, then one token at a time: positions 0..6 in the cache.
+  outs = []
+  for lo, hi in [(0, 5), (5, 6), (6, 7)]:
+    logits, cache = decode(lm, tokens[:, lo:hi], cache)
+    outs.append(logits)
+  assert int(cache.index) == 7
+  assert_rel(jnp.concatenate(outs, axis=1), full, what="cached decode")
+  # Slots past the index are untouched (zero).
+  assert not np.asarray(cache.k[:, :, 7:]).any()
+  with pytest.raises(ValueError, match="do not fit"):
+    lm.decode(tokens, lm.init_cache(2, 5))
+  with pytest.raises(ValueError, match="batch"):
+    lm.decode(tokens, lm.init_cache(3, 10))
+
+
+def test_generate_greedy_sampling_and_eos():
+  lm = _decode_lm()
+  prompt = jax.random.randint(jax.random.key(1), (2, 3), 0, V)
+  out = jnn.generate(lm, prompt, 5)
+  assert out.shape == (2, 8) and out.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(out[:, :3]), np.asarray(prompt))
+  # Greedy: each new token is the argmax of a full (uncached) forward pass over
+  # the tokens before it.
+  logits, _ = nnx.jit(lambda m, t: m(t))(lm, out[:, :-1])
+  np.testing.assert_array_equal(np.asarray(out[:, 3:]),
+                                np.asarray(jnp.argmax(logits[:, 2:], -1)))
+  # A nucleus holding only the top token is greedy; sampling follows the key.
+  key = jax.random.key(2)
+  np.testing.assert_array_equal(
+      np.asarray(jnn.generate(lm, prompt, 5, temperature=1.0, top_p=1e-6,
+                              key=key)), np.asarray(out))
+  s1 = jnn.generate(lm, prompt, 5, temperature=2.0, top_p=0.9, key=key)
+  s2 = jnn.generate(lm, prompt, 5, temperature=2.0, top_p=0.9, key=key)
+  s3 = jnn.generate(lm, prompt, 5, temperature=2.0, top_p=0.9,
+                    key=jax.random.key(3))
+  np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
+  assert not np.array_equal(np.asarray(s1), np.asarray(s3))
+  # After eos a row keeps emitting eos.
+  eos = int(out[0, 4])
+  with_eos = np.asarray(jnn.generate(lm, prompt, 5, eos_id=eos))
+  np.testing.assert_array_equal(with_eos[0, :5], np.asarray(out[0, :5]))
+  assert (with_eos[0, 5:] == eos).all()
+  np.testing.assert_array_equal(jnn.generate(lm, prompt, 0), prompt)
+  with pytest.raises(ValueError, match="needs a PRNG"):
+    jnn.generate(lm, prompt, 2, temperature=1.0)
+  with pytest.raises(ValueError, match="top_p"):
+    jnn.generate(lm, prompt, 2, top_p=0.0)
+
+
+def test_top_p_keeps_the_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 400)
+  draw = jax.vmap(lambda k: jnn.sample_logits(logits, k, temperature=1.0,
+                                              top_p=0.7))(keys)
+  # 0.5 < 0.7 <= 0.8: tokens 0 and 1 only, in proportion 5:3.
+  counts = np.bincount(np.asarray(draw).ravel(), minlength=4)
+  assert counts[2] == counts[3] == 0
+  assert 0.5 < counts[0] / counts.sum() < 0.75
+  np.testing.assert_array_equal(jnn.sample_logits(logits, None), [0])
 
 
 # ------------------------------------------------------------------------------
