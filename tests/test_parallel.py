@@ -141,6 +141,15 @@ def test_matches_single_device(dispatcher, mesh_name):
     assert float(aux.dropped_fraction) > 0  # the capacity rule was exercised
 
 
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_pallas_kernels_inside_shard_map(dispatcher):
+  """The same per-shard code with jmoe's Pallas grouped matmul (interpreted on
+  CPU) in place of XLA's: values, aux and gradients still match one device."""
+  x, params, ct = inputs()
+  config = dataclasses.replace(CONFIG, gmm_implementation="pallas_interpret")
+  run(make_ep("2x4", dispatcher), x, params, ct, config)
+
+
 @pytest.mark.parametrize("mesh_name", ["8", "2x4"])
 def test_dropless_overflow_falls_back(mesh_name):
   """Every token on experts 0 and 1 (device 0): blocks overflow, the all-gather

@@ -30,6 +30,7 @@ result is cast to the requested dtype at the store.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import functools
 from typing import Any
 
@@ -175,6 +176,42 @@ def _poison(shape, dtype):
                   dtype)
 
 
+def _out_struct(shape, dtype, operands) -> tuple[jax.ShapeDtypeStruct, list]:
+  """The output type of a launch, and its operands, made shard_map-aware.
+
+  Under `shard_map(check_vma=True)` (jmoe.parallel) a pallas_call must say over
+  which manual mesh axes its output varies: the union of its operands' axes. The
+  operands are cast to vary over that union too, so the kernel sees one type.
+  Outside shard_map the union is empty and nothing changes.
+  """
+  varying = frozenset()
+  for x in operands:
+    mat = getattr(jax.typeof(x), "mat", None)
+    if mat is not None:
+      varying |= frozenset(mat.varying)
+  if not varying:
+    return jax.ShapeDtypeStruct(shape, dtype), list(operands)
+  axes = tuple(sorted(varying))
+  cast = []
+  for x in operands:
+    missing = tuple(a for a in axes if a not in jax.typeof(x).mat.varying)
+    cast.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+  mat = jax.sharding.ManualAxisType(varying=varying)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat), cast
+
+
+def _interpret_vma(interpret: bool):
+  """The interpreter evaluates the kernel body as ordinary JAX ops, under the
+  ambient shard_map's varying-axes check; compiled kernels are traced with that
+  check off (pallas does so itself). Do the same for the interpreter, so CPU tests
+  run the kernels inside jmoe.parallel exactly as the GPU does."""
+  if not interpret:
+    return contextlib.nullcontext()
+  from jax._src import config as jax_config  # noqa: PLC0415
+  return jax_config._check_vma(False)
+
+
+
 def gmm_call(lhs: Array, rhs: Array, table: Array, *, transpose_rhs: bool,
              out_dtype, cfg: GmmConfig, compute_dtype, precision=None,
              interpret: bool = False, poison: bool = False) -> Array:
@@ -197,15 +234,17 @@ def gmm_call(lhs: Array, rhs: Array, table: Array, *, transpose_rhs: bool,
   if poison:
     args.append(_poison((m, n), out_dtype))
     aliases = {3: 0}
-  return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(num_t * pl.cdiv(n, cfg.block_n),),
-      input_output_aliases=aliases,
-      compiler_params=_compiler_params(cfg),
-      interpret=interpret,
-      name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm",
-  )(*args)
+  out_struct, args = _out_struct((m, n), out_dtype, args)
+  with _interpret_vma(interpret):
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_struct,
+        grid=(num_t * pl.cdiv(n, cfg.block_n),),
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm",
+    )(*args)
 
 
 def tgmm_call(lhs: Array, dy: Array, schedule: Array, *, out_dtype,
@@ -228,15 +267,17 @@ def tgmm_call(lhs: Array, dy: Array, schedule: Array, *, out_dtype,
   if poison:
     args.append(_poison(out_shape, out_dtype))
     aliases = {3: 0}
-  return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
-      grid=(pl.cdiv(kdim, cfg.block_k) * pl.cdiv(n, cfg.block_n), num_local),
-      input_output_aliases=aliases,
-      compiler_params=_compiler_params(cfg),
-      interpret=interpret,
-      name="jmoe_tgmm",
-  )(*args)
+  out_struct, args = _out_struct(out_shape, out_dtype, args)
+  with _interpret_vma(interpret):
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_struct,
+        grid=(pl.cdiv(kdim, cfg.block_k) * pl.cdiv(n, cfg.block_n), num_local),
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name="jmoe_tgmm",
+    )(*args)
 
 
 # ----------------------------------------------------------------------------
