@@ -1,0 +1,162 @@
+"""Tests of examples/train_lm.py: a smoke run, exact resumption, the dense twin and
+the --compare command line, all on the tiny ci-smoke preset (one compile of each
+model per process: train_lm caches its compiled steps)."""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "examples"))
+import lm_data  # noqa: E402
+import train_lm  # noqa: E402
+
+CFG = train_lm.PRESETS["ci-smoke"]  # 8 steps, checkpoints every 4
+
+
+def _leaves_equal(a, b):
+  pa = jax.tree_util.tree_leaves_with_path(a)
+  pb = jax.tree_util.tree_leaves_with_path(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), (_, y) in zip(pa, pb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+    assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
+
+
+def test_data_is_fixed_and_order_is_a_function_of_seed_and_step():
+  corpus = lm_data.load_corpus(CFG.seq_len, sources=CFG.sources,
+                               max_bytes=CFG.max_bytes)
+  assert corpus.train.dtype == np.uint8
+  assert corpus.train.shape[1] == CFG.seq_len + 1
+  assert corpus.info["heldout_files"] > 0 and corpus.info["train_files"] > 0
+  # Windows are consecutive slices of one byte stream (the last target of one is
+  # the first input of the next), files separated by the end-of-document byte.
+  np.testing.assert_array_equal(corpus.train[:-1, -1], corpus.train[1:, 0])
+  assert (corpus.train == lm_data.EOD).any()
+  n = len(corpus.train)
+  a = lm_data.batch_indices(3, 17, 8, n)
+  np.testing.assert_array_equal(a, lm_data.batch_indices(3, 17, 8, n))
+  assert not np.array_equal(a, lm_data.batch_indices(4, 17, 8, n))
+  # One epoch of a small set visits every window once, the next epoch reshuffles.
+  epoch0 = np.concatenate([lm_data.batch_indices(0, s, 5, 20) for s in range(4)])
+  epoch1 = np.concatenate([lm_data.batch_indices(0, s, 5, 20) for s in range(4, 8)])
+  assert sorted(epoch0) == list(range(20)) == sorted(epoch1)
+  assert not np.array_equal(epoch0, epoch1)
+  # The unigram baseline is the entropy of the byte histogram.
+  assert lm_data.unigram_bits_per_byte(np.array([1, 2, 3, 4])) == pytest.approx(2.0)
+
+
+def test_dense_twin_has_the_same_active_flops():
+  _, moe = train_lm.init_state(CFG)
+  _, dense = train_lm.init_state(dataclasses.replace(CFG, dense=True))
+  c_moe = train_lm.param_counts(CFG, moe["params"])
+  c_dense = train_lm.param_counts(CFG, dense["params"])
+  router = CFG.num_layers * CFG.d_model * CFG.num_experts
+  assert c_moe["params_active"] - router == c_dense["params_active"]
+  assert c_moe["params_total"] > c_dense["params_total"]
+  w = dense["params"]["blocks"][0]["mlp"]["w_up"]
+  assert w.shape == (CFG.d_model, CFG.d_ff * CFG.top_k)
+  assert w.dtype == np.float32  # float32 params, bf16 activations
+
+
+def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path):
+  run = train_lm.train(CFG, str(tmp_path), progress=False, measure_matmul=False)
+  r = run.results
+  assert r["steps"] == CFG.steps == int(run.state["step"])
+  assert int(run.state["data_position"]) == CFG.steps * CFG.batch_size
+  losses = [h["loss"] for h in run.history if "loss" in h]
+  assert len(losses) == CFG.steps // CFG.log_every
+  assert all(math.isfinite(x) for x in losses)
+  assert losses[-1] < losses[0], losses
+  assert math.isfinite(r["heldout_bits_per_byte"])
+  assert r["heldout_bits_per_byte"] < 8.0  # below a uniform byte guess
+  assert 3.0 < r["unigram_bits_per_byte"] < 6.0
+  assert r["tokens_seen"] == CFG.steps * CFG.batch_size * CFG.seq_len
+  assert r["flops_per_token"] > 6 * r["params_active"]
+  share = np.array([h["expert_share"] for h in run.history if "expert_share" in h])
+  assert share.shape[1:] == (CFG.num_layers, CFG.num_experts)
+  np.testing.assert_allclose(share.sum(-1), 1.0, atol=1e-4)
+  for name in ("loss.png", "experts.png", "results.json", "metrics.jsonl"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["heldout_bits_per_byte"] == r["heldout_bits_per_byte"]
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["4", "8"]
+  # A fresh run refuses to overwrite checkpoints.
+  with pytest.raises(FileExistsError):
+    train_lm.train(CFG, str(tmp_path), progress=False, plots=False,
+                   measure_matmul=False)
+
+
+def test_resume_continues_exactly(tmp_path):
+  straight = train_lm.train(CFG, str(tmp_path / "a"), progress=False, plots=False,
+                            measure_matmul=False)
+  half = CFG.steps // 2
+  first = train_lm.train(CFG, str(tmp_path / "b"), stop_at=half, progress=False,
+                         plots=False, measure_matmul=False)
+  assert int(first.state["step"]) == half
+  resumed = train_lm.train(CFG, str(tmp_path / "b"), resume=True, progress=False,
+                           plots=False, measure_matmul=False)
+  assert int(resumed.state["step"]) == CFG.steps
+  # Parameters, optimizer state, step, data position and PRNG key: bitwise equal.
+  _leaves_equal(straight.state, resumed.state)
+  assert not np.array_equal(np.asarray(first.state["key"]),
+                            np.asarray(resumed.state["key"]))
+  # The metric history continues too.
+  logged = lambda run: [(h["step"], h["loss"]) for h in run.history if "loss" in h]
+  assert logged(straight) == logged(resumed)
+  # A resumption with another model refuses.
+  with pytest.raises(ValueError, match="different configuration"):
+    train_lm.train(dataclasses.replace(CFG, d_ff=48), str(tmp_path / "b"),
+                   resume=True, progress=False, plots=False, measure_matmul=False)
+
+
+def test_compare_command_line(tmp_path):
+  out = tmp_path / "out" / "cmp.json"
+  res = train_lm.main(["--preset", "ci-smoke", "--compare",
+                       "--run-dir", str(tmp_path / "run"), "--out-json", str(out),
+                       "--no-progress"])
+  saved = json.loads(out.read_text())
+  assert saved["comparison"] == res["comparison"]
+  assert saved["moe"]["mode"] == "moe" and saved["dense"]["mode"] == "dense"
+  assert saved["moe"]["steps"] == saved["dense"]["steps"] == CFG.steps
+  assert saved["moe"]["tokens_seen"] == saved["dense"]["tokens_seen"]
+  assert saved["moe"]["flops_per_token"] == pytest.approx(
+      saved["dense"]["flops_per_token"], rel=0.02)
+  for key in ("mfu_vs_989_tflops", "mfu_vs_measured_matmul", "tokens_per_s",
+              "compile_s", "wall_clock_s", "jax_version", "device_kind", "date"):
+    assert saved["moe"][key] is not None, key
+  names = sorted(os.listdir(out.parent))
+  assert names == ["cmp.json", "cmp_compare.png", "cmp_dense_loss.png",
+                   "cmp_moe_experts.png", "cmp_moe_loss.png"], names
+
+
+@pytest.mark.skipif(jax.devices()[0].platform == "gpu",
+                    reason="the Pallas-Triton kernel lowers on a GPU")
+def test_gpu_kernel_failure_falls_back_to_xla(tmp_path, monkeypatch):
+  # On a GPU, jmoe's default grouped matmul is the Pallas-Triton kernel. If it fails
+  # to compile or run, the run falls back to XLA's ragged_dot and says so. Here the
+  # non-interpreted Pallas kernel cannot lower on CPU: the same failure path.
+  monkeypatch.setattr(train_lm.gmm_api, "default_implementation", lambda: "pallas")
+  cfg = dataclasses.replace(CFG, steps=2, log_every=1, eval_every=0, ckpt_every=-1)
+  run = train_lm.train(cfg, str(tmp_path), progress=False, plots=False,
+                       measure_matmul=False)
+  assert run.results["gmm_implementation"] == "xla (fallback)"
+  assert run.results["config"]["gmm_implementation"] == "xla"
+  assert all(math.isfinite(h["loss"]) for h in run.history if "loss" in h)
+  assert not os.path.exists(tmp_path / "ckpt") or not os.listdir(tmp_path / "ckpt")
+
+
+def test_gmm_check_compares_kernels_at_the_run_shapes():
+  cfg = dataclasses.replace(CFG, batch_size=2, seq_len=16)
+  errors = train_lm.check_gmm(cfg, "pallas_interpret")
+  assert set(errors) == {"y", "dx", "dw_up", "dw_down"}
+  assert max(errors.values()) < 5e-2, errors
+  with pytest.raises(FloatingPointError, match="disagrees"):
+    train_lm.check_gmm(cfg, "pallas_interpret", tol=-1.0)
