@@ -57,6 +57,7 @@ def parse_args(argv=None):
 ARGS = parse_args() if __name__ == "__main__" else None
 
 import jax  # noqa: E402
+from benchmarks import gmm as gmm_bench  # noqa: E402
 
 if ARGS is not None and ARGS.cpu_smoke:
   jax.config.update("jax_platforms", "cpu")
@@ -65,7 +66,6 @@ if ARGS is not None and ARGS.cpu_smoke:
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -117,26 +117,12 @@ def shape_from_args(args) -> Shape:
 
 def time_fn(call, *, n_sets: int, target_s: float, reps: int = 5,
             max_iters: int = 200) -> float:
-  """Median over `reps` batches of the mean launch time in ms.
-
-  On CPU every launch is waited for: XLA:CPU's in-process collectives can deadlock
-  when many launches of a collective program are in flight on few cores.
-  """
-  if jax.devices()[0].platform == "cpu":
-    call = lambda i, f=call: jax.block_until_ready(f(i))
-  jax.block_until_ready(call(0))
-  t0 = time.perf_counter()
-  jax.block_until_ready(call(1 % n_sets))
-  est = time.perf_counter() - t0
-  iters = int(min(max_iters, max(2, target_s / max(est, 1e-6))))
-  means = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for i in range(iters):
-      r = call(i % n_sets)
-    jax.block_until_ready(r)
-    means.append((time.perf_counter() - t0) / iters * 1e3)
-  return statistics.median(means)
+  """benchmarks.gmm's timer (median of batch means, ms); on CPU every launch is
+  waited for."""
+  on_cpu = jax.devices()[0].platform == "cpu"
+  ms, _ = gmm_bench.time_fn(call, n_sets=n_sets, target_s=target_s, reps=reps,
+                            max_iters=max_iters, sync_each=on_cpu)
+  return ms
 
 
 def rel_err(a, b) -> float:

@@ -221,9 +221,16 @@ METHODS = ("dense", "hbm_read", "ragged_dot", "jmoe", "mgpu", "tokamax")
 
 
 def time_fn(call: Callable[[int], Any], *, n_sets: int, target_s: float,
-            reps: int, max_iters: int = 500) -> tuple[float, int]:
+            reps: int, max_iters: int = 500,
+            sync_each: bool = False) -> tuple[float, int]:
   """Median over `reps` batches of the mean launch time (ms); launch i uses input
-  set i % n_sets. Returns (ms, iterations per batch)."""
+  set i % n_sets. Returns (ms, iterations per batch).
+
+  sync_each waits for every launch (XLA:CPU's in-process collectives can deadlock
+  with many collective launches in flight on few cores).
+  """
+  if sync_each:
+    call = lambda i, f=call: jax.block_until_ready(f(i))
   jax.block_until_ready(call(0))  # warm (compiled already)
   t0 = time.perf_counter()
   for i in range(2):

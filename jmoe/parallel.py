@@ -392,30 +392,9 @@ def _route_shard(xt: Array, params: MoEParams, config: MoEConfig, key,
                  row_start: Array, num_tokens: int):
   """`moe_lib.route_tokens` on this shard's rows, with the whole batch's noise."""
   logits = moe_lib.router_logits(xt, params.router)
-  logits = _shard_noise(logits, config.router, key, row_start, num_tokens)
+  logits = routing_lib.apply_noise(logits, config.router, key,
+                                   row_start=row_start, total_rows=num_tokens)
   return routing_lib.route(logits, config.router, bias=params.router_bias, key=None)
-
-
-def _shard_noise(logits: Array, config: routing_lib.RouterConfig, key,
-                 row_start: Array, num_tokens: int) -> Array:
-  """`routing._apply_noise` drawn for the global [T, E] logits, this shard's rows.
-
-  Draws T * E numbers per device (cheap next to the layer) so that training with
-  noise takes the same decisions as `jmoe.moe_ffn` on the whole batch.
-  """
-  logits = logits.astype(jnp.float32)
-  if key is None or (config.jitter_eps == 0 and config.noise_std == 0):
-    return logits
-  shape = (num_tokens, logits.shape[1])
-  rows = lambda a: lax.dynamic_slice_in_dim(a, row_start, logits.shape[0], axis=0)
-  k_jitter, k_noise = jax.random.split(key)
-  if config.jitter_eps > 0:
-    logits = logits * rows(jax.random.uniform(
-        k_jitter, shape, jnp.float32, 1.0 - config.jitter_eps, 1.0 + config.jitter_eps))
-  if config.noise_std > 0:
-    logits = logits + config.noise_std * rows(jax.random.normal(
-        k_noise, shape, jnp.float32))
-  return logits
 
 
 def _global_capacity(experts: Array, num_experts: int, config: MoEConfig,

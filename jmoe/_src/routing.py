@@ -175,17 +175,27 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
   return int(min(max(cap, 1), num_tokens))
 
 
-def _apply_noise(logits: Array, config: RouterConfig, key: Array | None) -> Array:
+def apply_noise(logits: Array, config: RouterConfig, key: Array | None, *,
+                row_start: Array | int = 0, total_rows: int | None = None) -> Array:
+  """The config's jitter / noise on float32 logits [T, E] (identity without a key).
+
+  The random numbers are drawn for a [total_rows, E] batch and rows
+  row_start : row_start + T are used, so a shard of a batch (jmoe.parallel) gets
+  exactly the noise the whole batch would get.
+  """
+  logits = logits.astype(jnp.float32)
   if key is None or (config.jitter_eps == 0 and config.noise_std == 0):
     return logits
+  shape = (logits.shape[0] if total_rows is None else total_rows, logits.shape[1])
+  rows = lambda a: jax.lax.dynamic_slice_in_dim(a, row_start, logits.shape[0], 0)
   k_jitter, k_noise = jax.random.split(key)
   if config.jitter_eps > 0:
-    logits = logits * jax.random.uniform(
-        k_jitter, logits.shape, jnp.float32,
-        1.0 - config.jitter_eps, 1.0 + config.jitter_eps)
+    logits = logits * rows(jax.random.uniform(
+        k_jitter, shape, jnp.float32,
+        1.0 - config.jitter_eps, 1.0 + config.jitter_eps))
   if config.noise_std > 0:
-    logits = logits + config.noise_std * jax.random.normal(
-        k_noise, logits.shape, jnp.float32)
+    logits = logits + config.noise_std * rows(jax.random.normal(
+        k_noise, shape, jnp.float32))
   return logits
 
 
@@ -254,7 +264,7 @@ def route(
       raise ValueError(f"{fn}: `bias` is for token-choice routing only.")
     bias = jax.lax.stop_gradient(jnp.asarray(bias, jnp.float32))
 
-  logits = _apply_noise(logits.astype(jnp.float32), config, key)
+  logits = apply_noise(logits, config, key)
   bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)  # [T]
 
   if config.score == "softmax":
