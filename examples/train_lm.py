@@ -880,7 +880,8 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
   p.add_argument("--steps", type=int, help="schedule length (total steps)")
   p.add_argument("--run-dir",
-                 help="default: /tmp/jmoe_train_lm/<preset>[-dense|-compare]")
+                 help="default: a new /tmp/jmoe_train_lm/<preset>[-dense|-compare]-<time>;"
+                 " --resume needs the run's --run-dir")
   p.add_argument("--resume", action="store_true")
   p.add_argument("--dense", action="store_true",
                  help="dense baseline: FFN width d_ff*top_k (+shared)")
@@ -909,7 +910,13 @@ def main(argv: list[str] | None = None) -> dict:
   cfg = dataclasses.replace(PRESETS[args.preset],
                             **{k: v for k, v in overrides.items() if v is not None})
   suffix = "-compare" if args.compare else "-dense" if args.dense else ""
-  run_dir = args.run_dir or os.path.join("/tmp/jmoe_train_lm", args.preset + suffix)
+  if args.resume and not args.run_dir:
+    p.error("--resume needs --run-dir: the directory of the run to continue")
+  # A fresh default directory per run: running the command twice never collides
+  # with the checkpoints of an earlier run (which a fresh run refuses to reuse).
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  run_dir = args.run_dir or os.path.join("/tmp/jmoe_train_lm",
+                                         f"{args.preset}{suffix}-{stamp}")
   kw = dict(progress=not args.no_progress, plots=not args.no_plots,
             preset=args.preset)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
