@@ -264,8 +264,9 @@ def route_tokens(x: Array, params: MoEParams, config: MoEConfig,
 def make_aux(routing, plan: permute_lib.DispatchPlan) -> MoEAux:
   """Losses and metrics from a routing and its dispatch plan."""
   if isinstance(routing, routing_lib.Routing):
-    balance = routing_lib.load_balancing_loss(routing.probs, routing.experts)
     slots = routing.experts.size
+    balance = routing_lib.balance_loss_from_counts(routing.probs, plan.expert_load,
+                                                   slots)
   else:
     balance = jnp.zeros((), jnp.float32)  # expert choice is balanced by design
     slots = routing.tokens.size

@@ -337,11 +337,16 @@ def load_balancing_loss(probs: Array, experts: Array) -> Array:
   checks.check_integer(fn, "experts", experts)
   checks.check_dim(fn, "experts", experts.shape[0], probs.shape[0],
                    "tokens (dim 0) must match probs")
-  num_experts = probs.shape[-1]
-  counts = expert_load(experts, num_experts).astype(jnp.float32)
-  f = counts / max(experts.size, 1)
+  counts = expert_load(experts, probs.shape[-1])
+  return balance_loss_from_counts(probs, counts, experts.size)
+
+
+def balance_loss_from_counts(probs: Array, counts: Array, num_slots: int) -> Array:
+  """`load_balancing_loss` from precomputed per-expert counts (e.g. a dispatch
+  plan's `expert_load`), so the layer does not count twice."""
+  f = jax.lax.stop_gradient(counts.astype(jnp.float32)) / max(num_slots, 1)
   p = probs.astype(jnp.float32).mean(axis=0)
-  return num_experts * jnp.sum(f * p)
+  return probs.shape[-1] * jnp.sum(f * p)
 
 
 def router_z_loss(logits: Array) -> Array:
