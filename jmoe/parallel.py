@@ -450,15 +450,6 @@ def _local_ffn(rows: Array, params: MoEParams, group_sizes: Array,
                             implementation=config.gmm_implementation)
 
 
-def _gather(x: Array, src: Array, dst: Array) -> Array:
-  """out[r] = x[src[r]] (zeros for src == len(x)), with a gather-only VJP.
-
-  `dst` is the inverse map: dst[i] is the output row of input row i (len(out) if
-  none). `permute`'s row gather, reused for the exchange's reorderings.
-  """
-  return permute_lib._permute_rows(x, src, dst[:, None])
-
-
 def _exchange_all_gather(xt: Array, experts: Array, weights: Array,
                          params: MoEParams, config: MoEConfig, axis: str):
   """All-gather tokens over the expert axis, local experts on all, reduce-scatter.
@@ -530,7 +521,7 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
   send_plan = dataclasses.replace(plan, row_token=row_token, row_slot=row_slot,
                                   slot_row=send_row)
 
-  send = permute_lib._permute_rows(xt, row_token, send_row)  # [n * block, D]
+  send = permute_lib.gather_rows(xt, row_token, send_row)  # [n * block, D]
   recv = lax.all_to_all(send, axis, 0, 0, tiled=True)  # block s from source s
   recv_counts = lax.all_to_all(counts, axis, 0, 0, tiled=True)  # [n_src, E_l]
 
@@ -549,12 +540,12 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
   to_compact = jnp.where(valid, first + from_earlier + offset, nb).astype(jnp.int32)
   from_compact = jnp.full((nb,), nb, jnp.int32).at[to_compact].set(
       q, mode="drop", unique_indices=True)
-  rows = _gather(recv, from_compact, to_compact)
+  rows = permute_lib.gather_rows(recv, from_compact, to_compact[:, None])
   return rows, sizes, _Route(send_plan, to_compact, from_compact)
 
 
 def _a2a_return(out: Array, route: _Route, weights: Array, axis: str) -> Array:
   """Sends the expert outputs back and combines them: y [T_l, D]."""
-  back = _gather(out, route.to_compact, route.from_compact)
+  back = permute_lib.gather_rows(out, route.to_compact, route.from_compact[:, None])
   ret = lax.all_to_all(back, axis, 0, 0, tiled=True)  # my rows, in send layout
   return permute_lib.unpermute(ret, route.send_plan, weights)

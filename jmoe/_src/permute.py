@@ -137,10 +137,16 @@ def _take_rows(x: Array, idx: Array) -> Array:
   return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
 
 
-# permute_rows: rows[r] = x[row_token[r]].  Backward: dx[t] = sum_j drows[slot_row[t, j]].
 @jax.custom_vjp
-def _permute_rows(x, row_token, slot_row):
-  return _take_rows(x, row_token)
+def gather_rows(x: Array, src: Array, inverse: Array) -> Array:
+  """out[r] = x[src[r]] (zeros where src is out of range), with a gather-only VJP.
+
+  `inverse` [len(x), j] lists, for each input row, the output rows holding it
+  (len(out) where none): the backward is dx[i] = sum_j dout[inverse[i, j]], a
+  gather and a sum instead of a float scatter-add, so it is deterministic. Used by
+  `permute` (inverse = slot_row) and by jmoe.parallel's exchange reorderings.
+  """
+  return _take_rows(x, src)
 
 
 def _permute_fwd(x, row_token, slot_row):
@@ -154,7 +160,7 @@ def _permute_bwd(slot_row, drows):
   return dx, None, None
 
 
-_permute_rows.defvjp(_permute_fwd, _permute_bwd)
+gather_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
 # combine: y[t] = sum_j w[t, j] * rows[slot_row[t, j]].
@@ -230,7 +236,7 @@ def permute(
   checks.check_dim(fn, "experts", experts.shape[0], x.shape[0],
                    "tokens (dim 0) must match x [tokens, d_model]")
   plan = dispatch_plan(experts, num_experts, capacity=capacity)
-  return _permute_rows(x, plan.row_token, plan.slot_row), plan
+  return gather_rows(x, plan.row_token, plan.slot_row), plan
 
 
 def unpermute(rows: Array, plan: DispatchPlan, weights: Array) -> Array:
