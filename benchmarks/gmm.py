@@ -147,6 +147,16 @@ def _vjp3(f, lhs, rhs, dy):
   return dict(out=out, dlhs=dlhs, drhs=drhs)
 
 
+def _grouped_method(f, spec: GmmSpec):
+  """run(inputs, group_sizes, w) for a grouped matmul f(lhs, rhs, group_sizes):
+  the forward, or forward + both gradients for a fwd+bwd spec."""
+  if spec.bwd:
+    fn = jax.jit(lambda l, r, gs, dy: _vjp3(lambda a, b: f(a, b, gs), l, r, dy))
+    return lambda inp, gs, w: fn(inp.lhs, inp.rhs, gs, inp.dy)
+  fn = jax.jit(lambda l, r, gs: dict(out=f(l, r, gs)))
+  return lambda inp, gs, w: fn(inp.lhs, inp.rhs, gs)
+
+
 def build_method(method: str, spec: GmmSpec, *, interpret: bool
                  ) -> Callable[[Inputs, jax.Array], dict[str, jax.Array]]:
   """Returns run(inputs, group_sizes) -> dict (out [, dlhs, drhs]); raises
@@ -172,20 +182,12 @@ def build_method(method: str, spec: GmmSpec, *, interpret: bool
           f"skipped: XLA's dense rewrite needs ~{need / 1e9:.0f} GB (out of memory"
           " on H200, GPU.md); --force-ragged to try")
     f = lambda l, r, gs: jax.lax.ragged_dot(l, r, gs)
-    if spec.bwd:
-      fn = jax.jit(lambda l, r, gs, dy: _vjp3(lambda a, b: f(a, b, gs), l, r, dy))
-      return lambda inp, gs, w: fn(inp.lhs, inp.rhs, gs, inp.dy)
-    fn = jax.jit(lambda l, r, gs: dict(out=f(l, r, gs)))
-    return lambda inp, gs, w: fn(inp.lhs, inp.rhs, gs)
+    return _grouped_method(f, spec)
 
   if method == "jmoe":
     impl = "pallas_interpret" if interpret else "pallas"
     f = lambda l, r, gs: jmoe.gmm(l, r, gs, implementation=impl)
-    if spec.bwd:
-      fn = jax.jit(lambda l, r, gs, dy: _vjp3(lambda a, b: f(a, b, gs), l, r, dy))
-      return lambda inp, gs, w: fn(inp.lhs, inp.rhs, gs, inp.dy)
-    fn = jax.jit(lambda l, r, gs: dict(out=f(l, r, gs)))
-    return lambda inp, gs, w: fn(inp.lhs, inp.rhs, gs)
+    return _grouped_method(f, spec)
 
   if method == "mgpu":
     if spec.bwd:
@@ -204,11 +206,7 @@ def build_method(method: str, spec: GmmSpec, *, interpret: bool
       raise NotImplementedError(f"skipped: tokamax not importable ({e})") from None
     f = lambda l, r, gs: tokamax.ragged_dot(l, r, group_sizes=gs,
                                             implementation="mosaic")
-    if spec.bwd:
-      fn = jax.jit(lambda l, r, gs, dy: _vjp3(lambda a, b: f(a, b, gs), l, r, dy))
-      return lambda inp, gs, w: fn(inp.lhs, inp.rhs, gs, inp.dy)
-    fn = jax.jit(lambda l, r, gs: dict(out=f(l, r, gs)))
-    return lambda inp, gs, w: fn(inp.lhs, inp.rhs, gs)
+    return _grouped_method(f, spec)
 
   raise ValueError(f"unknown method {method!r}")
 
@@ -427,9 +425,9 @@ def autotune_cases(specs, *, interpret: bool, budget_s: float, out_path: str,
 
 
 def write_json(path, meta, records, t_start):
+  meta["wall_s"] = round(time.perf_counter() - t_start, 1)
   if not path:
     return
-  meta["wall_s"] = round(time.perf_counter() - t_start, 1)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(dict(meta, records=records), f, indent=1, default=str)
