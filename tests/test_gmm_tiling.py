@@ -15,23 +15,27 @@ from jmoe._src.gmm.reference import group_ids
 M, BM = 50, 8
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _tiles(group_sizes, m, block_m, num_local, group_offset=None):
-  return tiling.row_tiles(group_sizes, m, block_m, num_local, group_offset)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5))
+def _tiles(group_sizes, m, block_m, num_local, group_offset=None, align=1):
+  return tiling.row_tiles(group_sizes, m, block_m, num_local, group_offset,
+                          align=align)
 
 
-def check_tiles(group_sizes, m, block_m, num_local, offset):
+def check_tiles(group_sizes, m, block_m, num_local, offset, align=1):
   """Every row is owned by exactly one visit, with the right group, in row order;
   tiles start at their segment's first row (or a multiple of block_m past it)."""
   gs = np.asarray(group_sizes)
   off = None if offset is None else jnp.int32(offset)
-  tiles = _tiles(jnp.asarray(gs, jnp.int32), m, block_m, num_local, off)
+  tiles = _tiles(jnp.asarray(gs, jnp.int32), m, block_m, num_local, off, align)
   table = np.asarray(tiles.table)
   n_used = int(tiles.num_tiles)
-  t_max = tiling.num_tiles_bound(m, block_m, num_local)
-  assert table.shape == (4, t_max)
+  t_max = tiling.num_tiles_bound(m, block_m, num_local, align)
+  assert table.shape == (5, t_max)
   assert 0 < n_used <= t_max
-  group, lo, hi, compute = table
+  group, lo, hi, compute, start = table
+  if align > 1:
+    return check_aligned(table, n_used, gs, m, block_m, num_local, offset, align)
+  np.testing.assert_array_equal(start, lo)
   owner = np.full(m, -1)
   for t in range(t_max):
     if t >= n_used:  # padding: owns nothing, computes nothing
@@ -63,7 +67,7 @@ def check_tiles(group_sizes, m, block_m, num_local, offset):
 def test_simple_layout():
   # groups: [0,5) [5,5) [5,20) [20,21); rows 21..49 past the total.
   table, n = check_tiles([5, 0, 15, 1], M, BM, 4, None)
-  group, lo, hi, compute = table[:, :n]
+  group, lo, hi, compute, _ = table[:, :n]
   assert lo.tolist() == [0, 5, 13, 20, 21, 29, 37, 45]
   assert hi.tolist() == [5, 13, 20, 21, 29, 37, 45, 50]
   assert group.tolist()[:4] == [0, 2, 2, 3]
@@ -137,3 +141,50 @@ def test_group_schedule_largest_first():
   starts, ends = sched[1], sched[2]
   assert (ends - starts).tolist() == [20, 9, 9, 0]
   assert starts.tolist()[:3] == [21, 3, 12]
+
+
+def check_aligned(table, n_used, gs, m, block_m, num_local, offset, align):
+  """align > 1: tiles start on multiples of `align`, at most align - 1 rows before
+  the first row their segment owns; otherwise the same ownership as align = 1."""
+  group, lo, hi, compute, start = table
+  ref_table, ref_n = check_tiles(gs, m, block_m, num_local, offset)
+  owner = np.full(m, -1)
+  for t in range(table.shape[1]):
+    if t >= n_used:
+      assert lo[t] == hi[t] and compute[t] == 0, (t, table[:, t])
+      continue
+    assert start[t] % align == 0, table[:, t]
+    assert start[t] <= lo[t] < hi[t] <= min(m, start[t] + block_m), table[:, t]
+    assert lo[t] - start[t] < align or lo[t] == start[t], table[:, t]
+    assert (owner[lo[t]:hi[t]] == -1).all(), "a row is owned twice"
+    owner[lo[t]:hi[t]] = t
+  assert (owner >= 0).all(), "a row is owned by no visit"
+  assert np.all(np.diff(owner) >= 0), "visits are not in row order"
+  # Same group and compute flag per row as the align = 1 table.
+  ref_owner = np.concatenate([np.full(h - l, t) for t, (l, h) in enumerate(
+      zip(ref_table[1, :ref_n], ref_table[2, :ref_n]))])
+  np.testing.assert_array_equal(compute[owner], ref_table[3][ref_owner])
+  np.testing.assert_array_equal(group[owner], ref_table[0][ref_owner])
+  return table, n_used
+
+
+@pytest.mark.parametrize("align", [2, 8])
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 20), min_size=5, max_size=5),
+       offset=st.sampled_from([None, 0, 1, 3]))
+def test_fuzz_aligned(align, sizes, offset):
+  sizes = np.asarray(sizes)
+  if sizes.sum() > M:
+    sizes = (sizes * M) // sizes.sum()
+  num_local = 5 if offset is None else 2
+  check_tiles(sizes, M, BM, num_local, offset, align)
+
+
+def test_aligned_simple_layout():
+  # groups: [0,5) [5,5) [5,20) [20,21); align 4: group 2's tiles start at 4, 12.
+  table, n = check_tiles([5, 0, 15, 1], M, BM, 4, None, align=4)
+  group, lo, hi, compute, start = table[:, :n]
+  assert start.tolist()[:4] == [0, 4, 12, 20]
+  assert lo.tolist()[:4] == [0, 5, 12, 20]
+  assert hi.tolist()[:4] == [5, 12, 20, 21]
+

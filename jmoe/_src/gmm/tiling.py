@@ -13,6 +13,12 @@ and no host sync:
   outer segments only write zeros. So every output row is written by exactly one
   visit, whatever the routing.
 
+  With `align` > 1 (the Mosaic-GPU kernels: their TMA loads of swizzled SMEM tiles
+  address rows in blocks of 8), each segment's first tile starts at the multiple
+  of `align` at or below the segment's first row instead, so a tile may also cover
+  up to align - 1 rows before the rows it owns; the START row of the table is the
+  tile's first row (== LO when align is 1).
+
   Unlike megablox (TPU), whose tiles are aligned to multiples of block_m and so
   visit a block that straddles a group boundary once per group, GPU kernels address
   rows with pointer arithmetic and need no alignment: a group of s rows takes
@@ -36,21 +42,23 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Rows of the int32 [4, T] table that `row_tiles` returns (and the kernel reads).
-GROUP, LO, HI, COMPUTE = range(4)
+# Rows of the int32 [5, T] table that `row_tiles` returns (and the kernels read).
+GROUP, LO, HI, COMPUTE, START = range(5)
 
 
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def num_tiles_bound(m: int, block_m: int, num_local: int) -> int:
+def num_tiles_bound(m: int, block_m: int, num_local: int, align: int = 1) -> int:
   """Static upper bound on the row-tile visits of `row_tiles`.
 
-  L + 2 contiguous segments of sizes s_i cover [0, m) and take sum ceil(s_i / b)
-  visits < m / b + (L + 2), so at most cdiv(m, block_m) + L + 1.
+  L + 2 contiguous segments of sizes s_i cover [0, m); a segment's tiles start
+  d_i < align rows before it, so it takes ceil((s_i + d_i) / b) visits and all
+  take < (m + (L + 2)(align - 1)) / b + (L + 2): at most
+  cdiv(m + (L + 2)(align - 1), b) + L + 1 (cdiv(m, b) + L + 1 when align is 1).
   """
-  return cdiv(m, block_m) + num_local + 1
+  return cdiv(m + (num_local + 2) * (align - 1), block_m) + num_local + 1
 
 
 def _offset(group_offset) -> Array:
@@ -88,11 +96,14 @@ class RowTiles(NamedTuple):
   """The row-tile visits of the forward kernel (see the module docstring).
 
   Attributes:
-    table: int32 [4, T], T = `num_tiles_bound(...)`; column t is visit t:
+    table: int32 [5, T], T = `num_tiles_bound(...)`; column t is visit t:
       GROUP: local group whose matrix the visit multiplies by (0 where none),
-      LO, HI: the rows [LO, HI) the visit owns, HI - LO <= block_m (the tile is
-        rows LO .. LO + block_m; LO == HI: owns none),
-      COMPUTE: 1 if the visit multiplies, 0 if it writes zeros or is padding.
+      LO, HI: the rows [LO, HI) the visit owns, HI - LO <= block_m
+        (LO == HI: owns none),
+      COMPUTE: 1 if the visit multiplies, 0 if it writes zeros or is padding,
+      START: the tile's first row (the tile is rows START .. START + block_m,
+        START <= LO < HI <= START + block_m; START == LO when align is 1, a
+        multiple of align otherwise).
       Visits come in row order; padding visits (t >= num_tiles) own no rows.
     num_tiles: int32 [], visits actually used.
   """
@@ -102,7 +113,7 @@ class RowTiles(NamedTuple):
 
 
 def row_tiles(group_sizes: Array, m: int, block_m: int, num_local: int,
-              group_offset: Array | None = None) -> RowTiles:
+              group_offset: Array | None = None, *, align: int = 1) -> RowTiles:
   """Builds the row-tile visits for a grouped matmul over m rows.
 
   Args:
@@ -112,31 +123,38 @@ def row_tiles(group_sizes: Array, m: int, block_m: int, num_local: int,
     block_m: rows per tile (static).
     num_local: L, groups held locally: group_offset .. group_offset + L - 1.
     group_offset: int scalar or None (0).
+    align: tiles start at the multiple of `align` at or below their segment's
+      first row (then every block_m rows); 1: at the segment's first row.
 
   Returns:
-    RowTiles with T = num_tiles_bound(m, block_m, num_local) columns.
+    RowTiles with T = num_tiles_bound(m, block_m, num_local, align) columns.
   """
   starts, ends = group_bounds(group_sizes, m, num_local, group_offset)
   # Segments: [0, first local start), each local group, [last local end, m).
   seg_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), starts, ends[-1:]])
   seg_end = jnp.concatenate([starts[:1], ends, jnp.full((1,), m, jnp.int32)])
-  seg_tiles = (jnp.maximum(seg_end - seg_start, 0) + (block_m - 1)) // block_m
+  seg_base = seg_start - seg_start % align          # first tile's first row
+  seg_tiles = jnp.where(seg_end > seg_start,
+                        (seg_end - seg_base + (block_m - 1)) // block_m, 0)
   cum = jnp.cumsum(seg_tiles)
   num_tiles = cum[-1]
 
-  t_max = num_tiles_bound(m, block_m, num_local)
+  t_max = num_tiles_bound(m, block_m, num_local, align)
   t = jnp.arange(t_max, dtype=jnp.int32)
   num_segments = num_local + 2
   seg = jnp.minimum(jnp.searchsorted(cum, t, side="right").astype(jnp.int32),
                     num_segments - 1)
   valid = t < num_tiles
-  lo = seg_start[seg] + (t - (cum - seg_tiles)[seg]) * block_m
-  hi = jnp.minimum(lo + block_m, seg_end[seg])
+  start = seg_base[seg] + (t - (cum - seg_tiles)[seg]) * block_m
+  lo = jnp.maximum(start, seg_start[seg])
+  hi = jnp.minimum(start + block_m, seg_end[seg])
   compute = valid & (seg >= 1) & (seg <= num_local)
   group = jnp.where(compute, seg - 1, 0)
   lo = jnp.where(valid, lo, 0)
   hi = jnp.where(valid, hi, 0)
-  table = jnp.stack([group, lo, hi, compute.astype(jnp.int32)]).astype(jnp.int32)
+  start = jnp.where(valid, start, 0)
+  table = jnp.stack([group, lo, hi, compute.astype(jnp.int32),
+                     start]).astype(jnp.int32)
   return RowTiles(table=table, num_tiles=num_tiles.astype(jnp.int32))
 
 

@@ -1,0 +1,596 @@
+"""Mosaic-GPU (Pallas `plgpu`) kernels of the grouped matmul for Hopper (sm_90).
+
+Three products, two kernels, one structure (that of JAX's `hopper_matmul_mgpu`):
+
+* `_gmm_kernel` -- forward out = gmm(lhs, rhs) and, with the static flag
+  `transpose_rhs`, the input gradient dlhs = gmm(dy, rhs^T), which reads rhs[g]
+  as [n, k] tiles and hands wgmma their transpose (rhs^T is never written to HBM).
+* `_tgmm_kernel` -- the weight gradient drhs[g] = lhs[rows_g]^T @ dy[rows_g].
+
+Both are persistent (one CTA per SM, `plgpu.nd_loop` over the work items) and warp
+specialised: three warpgroups per CTA, a memory warpgroup that issues the TMA loads
+of a `max_concurrent_steps`-deep pipeline (`plgpu.emit_pipeline_warp_specialized`)
+and two compute warpgroups that each run wgmma on one half of the CTA's output
+columns (CTA tile = tile_m x 2*tile_n) with a float32 accumulator in registers.
+Work items follow an L2-friendly order (`plgpu.planar_snake`: bands of
+`grid_tile_width` row tiles walk the column tiles together). The epilogue casts the
+accumulator, writes it to swizzled shared memory in 64-row sub-tiles (two slots per
+warpgroup, so the register-to-SMEM write of one overlaps the TMA store of the other)
+and stores it with TMA.
+
+The kernels hold no routing logic. Their metadata comes from `tiling.py` (cumsum /
+searchsorted under jit, static shapes):
+
+* forward / input gradient: `tiling.row_tiles` -- row-tile visits, each a tile of
+  tile_m rows starting at its group's first row (or a multiple of tile_m past it)
+  and owning rows [lo, hi). A visit whose tile it owns whole (hi - lo == tile_m:
+  every tile of a group but its last, and every tile when group sizes are
+  multiples of tile_m) is stored with whole-tile TMA stores. The last, partial tile
+  of a group is stored through an unswizzled SMEM buffer with a ladder of
+  power-of-two row TMA stores (TMA boxes have static shapes), so no row outside
+  [lo, hi) is ever written. Visits of rows outside the local groups (other
+  experts' rows under expert parallelism, rows past sum(group_sizes)) skip the K
+  loop and store zeros: every output row is written exactly once.
+* weight gradient: `tiling.group_schedule` -- each local group's row range, largest
+  first. A work item is (group, output tile); it contracts over the group's rows in
+  steps of tile_k rows starting at the group's first row; in the last, partial
+  step the rows past the group's end are zeroed in SMEM (both operands, with a
+  select, so that non-finite values in other groups' rows cannot leak in). An empty
+  group runs zero steps and stores zeros.
+
+Shapes and dtypes: operands of one 16-bit float dtype (bf16 or f16; float32 is
+served by the Pallas-Triton backend, see `FALLBACK`), float32 accumulation, output
+in any float dtype. Any m, k, n: TMA zero-fills loads past the ends of k and n and
+clips stores, so ragged k and n cost nothing; k and n that are not multiples of 8
+(TMA needs 16-byte row strides) are padded with zeros by the wrapper (a copy), and
+m < tile_m is padded to one tile. These kernels need an sm_90 GPU: Mosaic GPU has
+no CPU interpreter, so they are tested on the GPU (`tests/`, `gpu` marker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jmoe._src.gmm import tiling
+from jmoe._src.gmm.tiling import cdiv
+
+Array = jax.Array
+
+# Backend interface (jmoe/_src/gmm/ops.py): the operand dtypes these kernels take,
+# and the backend that serves the others.
+FALLBACK = "pallas"
+_MEMORY_REGISTERS = 40          # registers per thread of the memory warpgroup
+_SMEM_LIMIT = 227 * 1024        # shared memory of one block on sm_90
+_NUM_COMPUTE_WGS = 2
+# Tiles start on multiples of 8 rows: TMA loads into swizzled SMEM address rows in
+# blocks of 8 (Mosaic tiles the GMEM view by the SMEM tiling).
+_ALIGN = 8
+_PAD = 64      # k and n padding (elements): whole 128-byte swizzle spans
+
+
+def supports_dtype(dtype) -> bool:
+  return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicConfig:
+  """Tiles of one Mosaic-GPU grouped-matmul kernel.
+
+  Attributes:
+    tile_m: rows per CTA tile ("gmm", "gmm_t"); output rows (the k dimension) per
+      tile ("tgmm"). 64 or 128 (one or two wgmma row blocks per warpgroup).
+    tile_n: output columns per compute warpgroup; the CTA tile is 2 * tile_n wide.
+    tile_k: contraction per pipeline step (rows of the group per step in "tgmm").
+    max_concurrent_steps: depth of the TMA pipeline (shared-memory stages).
+    grid_tile_width: row tiles per band of the L2-friendly snake order.
+  """
+
+  tile_m: int = 128
+  tile_n: int = 128
+  tile_k: int = 64
+  max_concurrent_steps: int = 4
+  grid_tile_width: int = 16
+
+  def __post_init__(self):
+    if self.tile_m not in (64, 128):
+      raise ValueError(f"MosaicConfig: tile_m={self.tile_m} must be 64 or 128.")
+    if self.tile_n not in (64, 128, 256) :
+      raise ValueError(f"MosaicConfig: tile_n={self.tile_n} must be 64, 128 or 256.")
+    if self.tile_k not in (32, 64, 128):
+      raise ValueError(f"MosaicConfig: tile_k={self.tile_k} must be 32, 64 or 128.")
+    if self.max_concurrent_steps < 2:
+      raise ValueError("MosaicConfig: max_concurrent_steps must be >= 2.")
+    if self.grid_tile_width < 1:
+      raise ValueError("MosaicConfig: grid_tile_width must be >= 1.")
+
+  def replace(self, **kw) -> "MosaicConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+
+def _epi_tile_n(out_dtype) -> int:
+  """Columns of one epilogue sub-tile: one 128-byte swizzle span."""
+  return 128 // jnp.dtype(out_dtype).itemsize
+
+
+def smem_bytes(cfg: MosaicConfig, op: str, in_itemsize: int,
+               out_itemsize: int) -> int:
+  """Shared memory a kernel allocates: pipeline stages + the epilogue buffers."""
+  cta_n = _NUM_COMPUTE_WGS * cfg.tile_n
+  # A: [tile_m, tile_k] ("gmm", "gmm_t") or [tile_k rows, tile_m] ("tgmm");
+  # B: [tile_k, cta_n] or [cta_n, tile_k]. Same bytes either way.
+  stage = (cfg.tile_m * cfg.tile_k + cfg.tile_k * cta_n) * in_itemsize
+  epi_m = min(64, cfg.tile_m)
+  epi = _NUM_COMPUTE_WGS * 2 * epi_m * 128          # two slots of 128-byte rows
+  if op != "tgmm":                                   # ladder buffer (aliased)
+    epi = max(epi, _NUM_COMPUTE_WGS * cfg.tile_m * 128)
+  del out_itemsize  # sub-tiles are 128 bytes wide whatever the dtype
+  return cfg.max_concurrent_steps * stage + epi + 1024
+
+
+def heuristic_config(op: str, m: int, k: int, n: int, num_groups: int,
+                     dtype) -> MosaicConfig:
+  """A default per shape (before tuning): hopper_matmul's 128 x (2 x 128) x 64,
+  4 stages; 64-row tiles when groups hold few rows (decode, many experts)."""
+  del k, dtype
+  rows_per_group = max(1, m // max(1, num_groups))
+  if op == "tgmm":
+    return MosaicConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
+                        grid_tile_width=8)
+  if rows_per_group <= 64:
+    # Weight streaming (decode): one 128-row visit per group reads its weights
+    # once. Measured on H200 (benchmarks/NOTES.md): 128x(2x128) 4 stages beat
+    # narrower tiles and deeper pipelines.
+    return MosaicConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
+                        grid_tile_width=1)
+  width = 16 if n >= 4096 else 8
+  return MosaicConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
+                      grid_tile_width=width)
+
+
+def _num_sms() -> int:
+  d = jax.devices()[0]
+  return int(getattr(d, "core_count", 0) or 132)
+
+
+def _plgpu():
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+  return plgpu
+
+
+def _swizzled(plgpu, minor_elems: int, dtype):
+  """TMA/wgmma-friendly SMEM transforms for tiles whose minor dim has
+  `minor_elems` elements."""
+  swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
+  elems = swizzle // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+# ----------------------------------------------------------------------------
+# The epilogue shared by both kernels (runs in a compute warpgroup)
+
+
+def _store_full(plgpu, acc, out_smem, out_tile, wg):
+  """acc [tile_m, tile_n] (out dtype) -> out_tile (a GMEM ref of that shape)
+  through two swizzled SMEM slots [epi_m, epi_n]: the register-to-SMEM write of
+  one sub-tile overlaps the TMA store of the previous one."""
+  tile_m, tile_n = acc.shape
+  _, _, epi_m, epi_n = out_smem.shape
+  idx = 0
+  for mi in range(tile_m // epi_m):
+    for ni in range(tile_n // epi_n):
+      ms = slice(mi * epi_m, (mi + 1) * epi_m)
+      ns = slice(ni * epi_n, (ni + 1) * epi_n)
+      slot = idx % 2
+      idx += 1
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+      out_smem[wg, slot] = acc[ms, ns]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_tile.at[ms, ns])
+
+
+def _store_rows(plgpu, acc, lad_smem, out_gmem, first, row0, rows, col0, wg):
+  """Stores rows [first, first + rows) of acc [tile_m, tile_n] to
+  out_gmem[row0 + r, col0 + c] (first + rows <= tile_m, both dynamic) and no
+  other row: per 128-byte column chunk, the chunk goes to an unswizzled SMEM
+  buffer and leaves it in a ladder of power-of-two row TMA stores (TMA boxes
+  have static shapes)."""
+  tile_m, tile_n = acc.shape
+  _, _, epi_n = lad_smem.shape
+  for ci in range(tile_n // epi_n):
+    ns = slice(ci * epi_n, (ci + 1) * epi_n)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    lad_smem[wg] = acc[:, ns]
+    plgpu.commit_smem()
+    start = 0          # static for the first piece, traced after it
+    piece = tile_m
+    while piece >= 1:
+      p = piece
+      take = (rows & p) != 0
+
+      @pl_when(take)
+      def _(start=start, p=p):
+        plgpu.copy_smem_to_gmem(
+            lad_smem.at[wg, pl_ds(first + start, p)],
+            out_gmem.at[pl_ds(row0 + start, p), pl_ds(col0 + ci * epi_n, epi_n)])
+
+      start = start + (rows & p)
+      piece //= 2
+
+
+def pl_when(pred):
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  return pl.when(pred)
+
+
+def pl_ds(start, size):
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  return pl.ds(start, size)
+
+
+# ----------------------------------------------------------------------------
+# Forward and input gradient
+
+
+def _gmm_kernel(num_ref, table_ref, lhs_gmem, rhs_gmem, out_gmem, *,
+                cfg: MosaicConfig, transpose_rhs: bool):
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  plgpu = _plgpu()
+  dtype = lhs_gmem.dtype
+  out_dtype = out_gmem.dtype
+  _, kdim = lhs_gmem.shape
+  n = out_gmem.shape[1]
+  tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
+  cta_n = _NUM_COMPUTE_WGS * tile_n
+  n_iters = pl.cdiv(n, cta_n)
+  k_iters = pl.cdiv(kdim, tile_k)
+  epi_n = _epi_tile_n(out_dtype)
+  epi_m = min(64, tile_m)
+
+  a_tf = _swizzled(plgpu, tile_k, dtype)
+  b_tf = _swizzled(plgpu, tile_k if transpose_rhs else cta_n, dtype)
+  b_block = (cta_n, tile_k) if transpose_rhs else (tile_k, cta_n)
+  b_index = (lambda k: (0, k)) if transpose_rhs else (lambda k: (k, 0))
+
+  def get_pipeline(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(k_iters,),
+        memory_registers=_MEMORY_REGISTERS,
+        in_specs=[
+            plgpu.BlockSpec((tile_m, tile_k), lambda k: (0, k), transforms=a_tf,
+                            memory_space=plgpu.SMEM),
+            plgpu.BlockSpec(b_block, b_index, transforms=b_tf,
+                            memory_space=plgpu.SMEM),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=_NUM_COMPUTE_WGS,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  ignore = lambda *_, **__: None
+  out_tf = _swizzled(plgpu, epi_n, out_dtype)
+
+  @functools.partial(
+      pl.run_scoped,
+      pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
+          lhs_gmem, rhs_gmem),
+      epi_smem=plgpu.RefUnion(
+          plgpu.SMEM((_NUM_COMPUTE_WGS, 2, epi_m, epi_n), out_dtype,
+                     transforms=out_tf),
+          plgpu.SMEM((_NUM_COMPUTE_WGS, tile_m, epi_n), out_dtype),
+      ),
+      collective_axes="wg",
+  )
+  def _scope(pipeline_allocs, epi_smem):
+    out_smem, lad_smem = epi_smem
+    wg = lax.axis_index("wg")
+    num_t = num_ref[0]           # row-tile visits
+
+    def epilogue(acc, row0, lo, rows, n0):
+      """acc: f32 [tile_m, tile_n] of this warpgroup for the tile's rows
+      [row0, row0 + tile_m), of which it owns [lo, lo + rows)."""
+      acc = acc.astype(out_dtype)
+      col0 = n0 + wg * tile_n
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      whole = (rows == tile_m) & (lo == row0)
+
+      @pl.when(whole)
+      def _full():
+        _store_full(plgpu, acc, out_smem,
+                    out_gmem.at[pl.ds(row0, tile_m), pl.ds(col0, tile_n)], wg)
+
+      @pl.when(jnp.logical_not(whole))
+      def _partial():
+        _store_rows(plgpu, acc, lad_smem, out_gmem, lo - row0, lo, rows, col0,
+                    wg)
+
+    @plgpu.nd_loop((num_t * n_iters,), collective_axes="sm")
+    def _loop(info):
+      (lin,) = info.index
+      t, ni = plgpu.planar_snake(lin, (num_t, n_iters), 0, cfg.grid_tile_width)
+      group = table_ref[tiling.GROUP, t]
+      row0 = pl.multiple_of(table_ref[tiling.START, t], _ALIGN)  # tile's first row
+      lo = table_ref[tiling.LO, t]                               # owned: [lo, hi)
+      rows = table_ref[tiling.HI, t] - lo
+      compute = table_ref[tiling.COMPUTE, t] != 0
+      n0 = ni * cta_n
+      wg_n = pl.ds(wg * tile_n, tile_n)
+
+      def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped,
+                           acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+        def _acc(acc_ref):
+          eval_pipeline(acc_ref)
+          epilogue(acc_ref[...], row0, lo, rows, n0)
+
+      def mma_body(_, a_smem, b_smem, acc_ref):
+        if transpose_rhs:
+          b = b_smem.at[wg_n, :].transpose((1, 0))
+        else:
+          b = b_smem.at[:, wg_n]
+        plgpu.wgmma(acc_ref, a_smem, b)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      @pl.when(compute)
+      def _mma():
+        if transpose_rhs:
+          rhs_tile = rhs_gmem.at[group, pl.ds(n0, cta_n), :]
+        else:
+          rhs_tile = rhs_gmem.at[group, :, pl.ds(n0, cta_n)]
+        get_pipeline(mma_body, compute_context)(
+            lhs_gmem.at[pl.ds(row0, tile_m), :], rhs_tile,
+            allocations=pipeline_allocs)
+
+      @pl.when(jnp.logical_not(compute) & (rows > 0) & (wg < _NUM_COMPUTE_WGS))
+      def _zeros():
+        zeros = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32),
+                                  plgpu.Layout.WGMMA)
+        epilogue(zeros, row0, lo, rows, n0)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _pad_to(x, axis: int, multiple: int, minimum: int = 0):
+  size = x.shape[axis]
+  target = max(cdiv(size, multiple) * multiple, minimum)
+  if target == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, target - size)
+  return jnp.pad(x, pad)
+
+
+def gmm_call(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
+             transpose_rhs: bool, out_dtype, cfg: MosaicConfig,
+             num_sms: int | None = None) -> Array:
+  """One launch of the forward (or, with transpose_rhs, input-gradient) kernel.
+
+  lhs: [m, k]; rhs: [L, k, n] (or [L, n, k]); group_sizes: int32 [G];
+  group_offset: int32 []. Returns [m, n] in out_dtype.
+  """
+  plgpu = _plgpu()
+  m, k = lhs.shape
+  num_local = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  cta_n = _NUM_COMPUTE_WGS * cfg.tile_n
+  # Mosaic's TMA copies of swizzled tiles view GMEM in tiles of 8 rows x 128
+  # bytes, and a box may not exceed its array: pad k and n to multiples of 64
+  # and at least one block, m to a multiple of 8 and at least one tile (zeros;
+  # a copy, only for shapes that need it).
+  lhs_p = _pad_to(_pad_to(lhs, 1, _PAD, cfg.tile_k), 0, _ALIGN, cfg.tile_m)
+  k_ax, n_ax = (2, 1) if transpose_rhs else (1, 2)
+  rhs_p = _pad_to(_pad_to(rhs, k_ax, _PAD, cfg.tile_k), n_ax, _PAD, cta_n)
+  m_p = lhs_p.shape[0]
+  n_p = rhs_p.shape[n_ax]
+  tiles = tiling.row_tiles(group_sizes, m_p, cfg.tile_m, num_local, group_offset,
+                           align=_ALIGN)
+  kernel = plgpu.kernel(
+      functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
+      out_type=jax.ShapeDtypeStruct((m_p, n_p), out_dtype),
+      grid=(num_sms or _num_sms(),),
+      grid_names=("sm",),
+      num_threads=_NUM_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )
+  out = kernel(tiles.num_tiles.reshape(1), tiles.table, lhs_p, rhs_p)
+  if (m_p, n_p) != (m, n):
+    out = out[:m, :n]
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Weight gradient
+
+
+def _tgmm_kernel(sched_ref, lhs_gmem, dy_gmem, out_gmem, *, cfg: MosaicConfig):
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  plgpu = _plgpu()
+  dtype = lhs_gmem.dtype
+  out_dtype = out_gmem.dtype
+  m, kdim = lhs_gmem.shape
+  n = dy_gmem.shape[1]
+  num_local = out_gmem.shape[0]
+  tile_m, tile_n, tile_r = cfg.tile_m, cfg.tile_n, cfg.tile_k
+  cta_n = _NUM_COMPUTE_WGS * tile_n
+  k_tiles = pl.cdiv(kdim, tile_m)
+  n_tiles = pl.cdiv(n, cta_n)
+  epi_n = _epi_tile_n(out_dtype)
+  epi_m = min(64, tile_m)
+
+  a_tf = _swizzled(plgpu, tile_m, dtype)
+  b_tf = _swizzled(plgpu, cta_n, dtype)
+
+  def get_pipeline(body, compute_context, steps):
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(steps,),
+        memory_registers=_MEMORY_REGISTERS,
+        in_specs=[
+            plgpu.BlockSpec((tile_r, tile_m), lambda s: (s, 0), transforms=a_tf,
+                            memory_space=plgpu.SMEM),
+            plgpu.BlockSpec((tile_r, cta_n), lambda s: (s, 0), transforms=b_tf,
+                            memory_space=plgpu.SMEM),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=_NUM_COMPUTE_WGS,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  ignore = lambda *_, **__: None
+  out_tf = _swizzled(plgpu, epi_n, out_dtype)
+
+  @functools.partial(
+      pl.run_scoped,
+      pipeline_allocs=get_pipeline(
+          ignore, ignore, cfg.max_concurrent_steps).get_allocations(
+          lhs_gmem, dy_gmem),
+      out_smem=plgpu.SMEM((_NUM_COMPUTE_WGS, 2, epi_m, epi_n), out_dtype,
+                          transforms=out_tf),
+      collective_axes="wg",
+  )
+  def _scope(pipeline_allocs, out_smem):
+    wg = lax.axis_index("wg")
+    per_group = k_tiles * n_tiles
+
+    @plgpu.nd_loop((num_local * per_group,), collective_axes="sm")
+    def _loop(info):
+      (lin,) = info.index
+      slot = lax.div(lin, jnp.int32(per_group))
+      ki, ni = plgpu.planar_snake(lax.rem(lin, jnp.int32(per_group)),
+                                  (k_tiles, n_tiles), 0, cfg.grid_tile_width)
+      g = sched_ref[0, slot]
+      start = sched_ref[1, slot]
+      end = sched_ref[2, slot]
+      # Steps of tile_r rows from the multiple of 8 at or below the group's start.
+      base = pl.multiple_of(start - lax.rem(start, jnp.int32(_ALIGN)), _ALIGN)
+      size = jnp.maximum(end - base, 0)
+      steps = jnp.where(end > start,
+                        lax.div(size + (tile_r - 1), jnp.int32(tile_r)), 0)
+      k0 = ki * tile_m
+      n0 = ni * cta_n
+      wg_n = pl.ds(wg * tile_n, tile_n)
+
+      def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped,
+                           acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+        def _acc(acc_ref):
+          eval_pipeline(acc_ref)
+          acc = acc_ref[...].astype(out_dtype)
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          _store_full(plgpu, acc, out_smem,
+                      out_gmem.at[g, pl.ds(k0, tile_m),
+                                  pl.ds(n0 + wg * tile_n, tile_n)], wg)
+
+      def mask_rows(ref, lo_v, hi_v):
+        x = ref[...]
+        rid = plgpu.layout_cast(
+            lax.broadcasted_iota(jnp.int32, x.shape, 0), plgpu.Layout.WGMMA)
+        keep = (rid >= lo_v) & (rid < hi_v)
+        ref[...] = jnp.where(keep, x, jnp.zeros_like(x))
+
+      def mma_body(idx, a_smem, b_smem, acc_ref):
+        (s,) = idx
+        b = b_smem.at[:, wg_n]
+        r0 = base + s * tile_r
+        lo_v = start - r0            # rows of this step inside the group:
+        hi_v = end - r0              # [lo_v, hi_v) of [0, tile_r)
+
+        @pl.when(((lo_v > 0) | (hi_v < tile_r)))
+        def _mask():
+          # The first and last steps reach into other groups' rows (or past m):
+          # zero those rows in both operands before the tensor cores see them, so
+          # that even non-finite values there cannot leak in. Both warpgroups
+          # write the same values into the shared A tile.
+          mask_rows(a_smem, lo_v, hi_v)
+          mask_rows(b, lo_v, hi_v)
+          plgpu.commit_smem()
+
+        plgpu.wgmma(acc_ref, a_smem.transpose((1, 0)), b)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      get_pipeline(mma_body, compute_context, steps)(
+          lhs_gmem.at[pl.ds(base, m), pl.ds(k0, tile_m)],
+          dy_gmem.at[pl.ds(base, m), pl.ds(n0, cta_n)],
+          allocations=pipeline_allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def tgmm_call(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
+              num_local: int, out_dtype, cfg: MosaicConfig,
+              num_sms: int | None = None) -> Array:
+  """One launch of the weight-gradient kernel: [num_local, k, n]."""
+  plgpu = _plgpu()
+  m, k = lhs.shape
+  n = dy.shape[1]
+  cta_n = _NUM_COMPUTE_WGS * cfg.tile_n
+  lhs_p = _pad_to(_pad_to(lhs, 1, _PAD, cfg.tile_m), 0, _ALIGN, cfg.tile_k)
+  dy_p = _pad_to(_pad_to(dy, 1, _PAD, cta_n), 0, _ALIGN, cfg.tile_k)
+  k_p, n_p = lhs_p.shape[1], dy_p.shape[1]
+  sched = tiling.group_schedule(group_sizes, m, num_local, group_offset)
+  kernel = plgpu.kernel(
+      functools.partial(_tgmm_kernel, cfg=cfg),
+      out_type=jax.ShapeDtypeStruct((num_local, k_p, n_p), out_dtype),
+      grid=(num_sms or _num_sms(),),
+      grid_names=("sm",),
+      num_threads=_NUM_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )
+  out = kernel(sched, lhs_p, dy_p)
+  if (k_p, n_p) != (k, n):
+    out = out[:, :k, :n]
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Backend interface (jmoe/_src/gmm/ops.py)
+
+
+def _pick(config, op, m, k, n, num_groups, dtype) -> MosaicConfig:
+  if isinstance(config, MosaicConfig):
+    return config
+  return heuristic_config(op, m, k, n, num_groups, dtype)
+
+
+def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs: bool, out_dtype,
+        precision=None, config=None) -> Array:
+  """Forward (or input-gradient) product on the Mosaic-GPU kernel.
+
+  `precision` has no effect: 16-bit operands multiply exactly into the float32
+  accumulator at every precision.
+  """
+  del precision
+  m, k = lhs.shape
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  cfg = _pick(config, "gmm_t" if transpose_rhs else "gmm", m, k, n,
+              rhs.shape[0], lhs.dtype)
+  return gmm_call(lhs, rhs, group_sizes, group_offset,
+                  transpose_rhs=transpose_rhs, out_dtype=out_dtype, cfg=cfg)
+
+
+def tgmm(lhs, dy, group_sizes, group_offset, *, num_local: int, out_dtype,
+         precision=None, config=None) -> Array:
+  """Weight-gradient product on the Mosaic-GPU kernel (zeros for empty groups)."""
+  del precision
+  m, k = lhs.shape
+  n = dy.shape[1]
+  cfg = _pick(config, "tgmm", m, k, n, num_local, lhs.dtype)
+  return tgmm_call(lhs, dy, group_sizes, group_offset, num_local=num_local,
+                   out_dtype=out_dtype, cfg=cfg)
