@@ -12,7 +12,9 @@ than L2, median of the batch means, host timer around block_until_ready). Method
   dense       one [rows, k] x [k, n] jnp.dot of equal FLOPs: the ceiling
   hbm_read    (decode only) a float32 sum over all expert weights: the HBM ceiling
   ragged_dot  jax.lax.ragged_dot (XLA)
-  jmoe        jmoe.gmm(implementation="pallas") (interpret mode with --cpu-smoke)
+  mosaic      jmoe.gmm(implementation="mosaic"): jmoe's Mosaic-GPU kernels (Hopper)
+  triton      jmoe.gmm(implementation="pallas"): jmoe's Pallas-Triton kernels
+              (interpret mode with --cpu-smoke)
   mgpu        jax.experimental.pallas.ops.gpu.ragged_dot_mgpu (forward only)
   tokamax     tokamax.ragged_dot(implementation="mosaic"), when importable
 
@@ -51,7 +53,7 @@ from benchmarks.arg_specs import (CPU_SMOKE_SPECS, ROUTINGS, SPECS, GmmSpec,
 
 import jmoe
 from jmoe._src.gmm import config as gmm_config
-from jmoe._src.gmm import pallas_triton, tiling
+from jmoe._src.gmm import pallas_mosaic_gpu, pallas_triton, tiling
 
 L2_BYTES = 60 * 2**20
 # lax.ragged_dot on GPU rewrites to a dense masked product; skip it where that
@@ -184,9 +186,15 @@ def build_method(method: str, spec: GmmSpec, *, interpret: bool
     f = lambda l, r, gs: jax.lax.ragged_dot(l, r, gs)
     return _grouped_method(f, spec)
 
-  if method == "jmoe":
+  if method in ("triton", "jmoe"):  # "jmoe": the name of earlier result files
     impl = "pallas_interpret" if interpret else "pallas"
     f = lambda l, r, gs: jmoe.gmm(l, r, gs, implementation=impl)
+    return _grouped_method(f, spec)
+
+  if method == "mosaic":
+    if interpret:
+      raise NotImplementedError("skipped: Mosaic GPU has no CPU interpreter")
+    f = lambda l, r, gs: jmoe.gmm(l, r, gs, implementation="mosaic")
     return _grouped_method(f, spec)
 
   if method == "mgpu":
@@ -211,7 +219,7 @@ def build_method(method: str, spec: GmmSpec, *, interpret: bool
   raise ValueError(f"unknown method {method!r}")
 
 
-METHODS = ("dense", "hbm_read", "ragged_dot", "jmoe", "mgpu", "tokamax")
+METHODS = ("dense", "hbm_read", "ragged_dot", "mosaic", "triton", "mgpu", "tokamax")
 
 
 # ----------------------------------------------------------------------------
@@ -281,7 +289,7 @@ def run_case(spec: GmmSpec, routings, methods, *, interpret: bool, quick: bool,
         t0 = time.perf_counter()
         res = jax.block_until_ready(call(0))
         rec["first_call_s"] = round(time.perf_counter() - t0, 2)
-        if method == "jmoe":
+        if method in ("triton", "jmoe"):
           m, k, n, g = spec.rows, spec.k, spec.n, spec.num_groups
           sel = lambda op, a, b, c: gmm_config.select_config(
               op, a, b, c, g, dtype, interpret=interpret).to_dict()
@@ -295,7 +303,7 @@ def run_case(spec: GmmSpec, routings, methods, *, interpret: bool, quick: bool,
               f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']}"
               f" s{c['num_stages']}" for c in cfgs)
         # Correctness on fresh inputs (set 0), before timing.
-        if method in ("ragged_dot", "jmoe", "mgpu", "tokamax"):
+        if method in ("ragged_dot", "mosaic", "triton", "jmoe", "mgpu", "tokamax"):
           err, note = rel_err_subset(res, sets[0], sizes, spec.bwd)
           rec["rel_err"] = err
           if note:
