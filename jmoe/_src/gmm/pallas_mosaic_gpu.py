@@ -66,7 +66,6 @@ Array = jax.Array
 # and the backend that serves the others.
 FALLBACK = "pallas"
 _MEMORY_REGISTERS = 40          # registers per thread of the memory warpgroup
-_SMEM_LIMIT = 227 * 1024        # shared memory of one block on sm_90
 _NUM_COMPUTE_WGS = 2
 # Tiles start on multiples of 8 rows: TMA loads into swizzled SMEM address rows in
 # blocks of 8 (Mosaic tiles the GMEM view by the SMEM tiling).
@@ -119,21 +118,6 @@ class MosaicConfig:
 def _epi_tile_n(out_dtype) -> int:
   """Columns of one epilogue sub-tile: one 128-byte swizzle span."""
   return 128 // jnp.dtype(out_dtype).itemsize
-
-
-def smem_bytes(cfg: MosaicConfig, op: str, in_itemsize: int,
-               out_itemsize: int) -> int:
-  """Shared memory a kernel allocates: pipeline stages + the epilogue buffers."""
-  cta_n = _NUM_COMPUTE_WGS * cfg.tile_n
-  # A: [tile_m, tile_k] ("gmm", "gmm_t") or [tile_k rows, tile_m] ("tgmm");
-  # B: [tile_k, cta_n] or [cta_n, tile_k]. Same bytes either way.
-  stage = (cfg.tile_m * cfg.tile_k + cfg.tile_k * cta_n) * in_itemsize
-  epi_m = min(64, cfg.tile_m)
-  epi = _NUM_COMPUTE_WGS * 2 * epi_m * 128          # two slots of 128-byte rows
-  if op != "tgmm":                                   # ladder buffer (aliased)
-    epi = max(epi, _NUM_COMPUTE_WGS * cfg.tile_m * 128)
-  del out_itemsize  # sub-tiles are 128 bytes wide whatever the dtype
-  return cfg.max_concurrent_steps * stage + epi + 1024
 
 
 def heuristic_config(op: str, m: int, k: int, n: int, num_groups: int,
