@@ -326,8 +326,10 @@ class MoE(nnx.Module):
       raise TypeError(f"MoE: `config` must be a MoEConfig; got {type(config)}.")
     if shared_gate and not shared_d_ff:
       raise ValueError("MoE: `shared_gate` needs a shared expert (shared_d_ff > 0).")
-    if router_bias and config.router.kind == "expert_choice":
-      raise ValueError("MoE: `router_bias` is for token-choice routing only.")
+    if router_bias and not config.router.kind_impl.supports_bias:
+      raise ValueError(
+          "MoE: `router_bias` is for token-choice routing only; got"
+          f" kind={config.router.kind!r}.")
     self.d_model = d_model
     self.d_ff = d_ff
     self.num_experts = num_experts

@@ -258,12 +258,11 @@ class ExpertParallel:
     fn = "ExpertParallel.moe_ffn"
     config = MoEConfig() if config is None else config
     moe_lib.check_params(fn, x, params, config.activation)
-    config.router.validate(params.num_experts, fn)
-    if config.router.kind != "token_choice":
+    if not config.router.kind_impl.per_token:  # `route` validates the rest
       raise ValueError(
-          f"{fn}: expert-choice routing ranks every token of the batch for each"
-          " expert and is not supported under expert parallelism; use"
-          " RouterConfig(kind='token_choice').")
+          f"{fn}: {config.router.kind} routing (e.g. expert-choice) ranks every"
+          " token of the batch for each expert and is not supported under"
+          " expert parallelism; use RouterConfig(kind='token_choice').")
     n, e = self.num_expert_shards, params.num_experts
     if e % n:
       raise ValueError(
@@ -292,7 +291,7 @@ class ExpertParallel:
     body = lambda xt, params, key: _shard_body(self, config, t, e, xt, params, key)
     key_spec = None if key is None else P()
     stats_spec = DispatchStats(P(), P(), P())
-    aux_spec = MoEAux(*(P(),) * 6)
+    aux_spec = MoEAux.filled(P())
     # JAX's Pallas *interpreter* evaluates kernel bodies without honouring the
     # varying-axes types (jax 0.10-0.11), so the CPU-test backend runs unchecked;
     # every compiled backend keeps shard_map's check.
@@ -385,7 +384,7 @@ def _shard_body(ep: ExpertParallel, config: MoEConfig, num_tokens: int,
 
   if params.shared is not None:
     y = y + moe_lib.shared_output(xt, params, config.activation)
-  return y, _global_aux(routing, aux_plan, axes, num_experts), stats
+  return y, _global_aux(routing, aux_plan, axes), stats
 
 
 def _route_shard(xt: Array, params: MoEParams, config: MoEConfig, key,
@@ -427,15 +426,14 @@ def _global_capacity(experts: Array, num_experts: int, config: MoEConfig,
 
 
 def _global_aux(routing: routing_lib.Routing, plan: permute_lib.DispatchPlan,
-                axes, num_experts: int) -> MoEAux:
+                axes) -> MoEAux:
   """`moe_lib.make_aux` of the whole batch from every shard's (equal-size) part."""
   local = moe_lib.make_aux(routing, plan)
   counts = lax.psum(local.tokens_per_expert, axes)
-  slots = lax.psum(jnp.asarray(routing.experts.size, jnp.float32), axes)
-  f = counts.astype(jnp.float32) / slots  # share of all (token, slot) pairs
-  p = lax.pmean(jnp.mean(routing.probs.astype(jnp.float32), axis=0), axes)
+  slots = lax.psum(jnp.asarray(routing.num_slots, jnp.float32), axes)
+  p = lax.pmean(routing_lib.mean_router_probs(routing.probs), axes)
   return MoEAux(
-      balance_loss=num_experts * jnp.sum(f * p),
+      balance_loss=routing.balance_loss(counts, num_slots=slots, mean_probs=p),
       z_loss=lax.pmean(local.z_loss, axes),
       tokens_per_expert=counts,
       dropped_fraction=lax.pmean(local.dropped_fraction, axes),

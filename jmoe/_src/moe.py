@@ -117,13 +117,9 @@ class MoEConfig:
     return self.router.top_k
 
   def capacity(self, num_tokens: int, num_experts: int) -> int | None:
-    """The static per-expert capacity for a batch of `num_tokens` tokens."""
-    cf = self.capacity_factor
-    if self.router.kind == "expert_choice":
-      cf = 1.0 if cf is None else cf
-    if cf is None:
-      return None
-    return routing_lib.expert_capacity(num_tokens, num_experts, self.top_k, cf)
+    """The static per-expert capacity for a batch of `num_tokens` tokens
+    (`RouterConfig.capacity` with this config's `capacity_factor`)."""
+    return self.router.capacity(num_tokens, num_experts, self.capacity_factor)
 
 
 @jax.tree_util.register_dataclass
@@ -148,6 +144,11 @@ class MoEAux:
   dropped_fraction: Array
   router_entropy: Array
   nonfinite_tokens: Array
+
+  @classmethod
+  def filled(cls, value) -> MoEAux:
+    """An `MoEAux` holding `value` in every field (e.g. a PartitionSpec)."""
+    return cls(**{f.name: value for f in dataclasses.fields(cls)})
 
 
 def ffn(x: Array, params: FFNParams, activation: str) -> Array:
@@ -252,31 +253,24 @@ def router_logits(x: Array, router: Array) -> Array:
 
 def route_tokens(x: Array, params: MoEParams, config: MoEConfig,
                  key: Array | None = None):
-  """Router logits and routing decisions for flat tokens x [T, D]."""
+  """Router logits and routing decisions for flat tokens x [T, D]; returns
+  (routing, capacity), the capacity for `permute`."""
   logits = router_logits(x, params.router)
   capacity = config.capacity(x.shape[0], params.num_experts)
-  routing = routing_lib.route(
-      logits, config.router, bias=params.router_bias, key=key,
-      capacity=capacity if config.router.kind == "expert_choice" else None)
+  routing = routing_lib.route(logits, config.router, bias=params.router_bias,
+                              key=key, capacity=capacity)
   return routing, capacity
 
 
 def make_aux(routing, plan: permute_lib.DispatchPlan) -> MoEAux:
-  """Losses and metrics from a routing and its dispatch plan."""
-  if isinstance(routing, routing_lib.Routing):
-    slots = routing.experts.size
-    balance = routing_lib.balance_loss_from_counts(routing.probs, plan.expert_load,
-                                                   slots)
-  else:
-    balance = jnp.zeros((), jnp.float32)  # expert choice is balanced by design
-    slots = routing.tokens.size
-  nonfinite = jnp.any(jnp.isnan(routing.logits) | (routing.logits == jnp.inf),
-                      axis=-1)
+  """Losses and metrics from a routing (of either kind) and its dispatch plan."""
+  nonfinite = routing_lib.nonfinite_tokens(routing.logits)
   return MoEAux(
-      balance_loss=balance,
+      balance_loss=routing.balance_loss(plan.expert_load),
       z_loss=routing_lib.router_z_loss(routing.logits),
       tokens_per_expert=plan.expert_load,
-      dropped_fraction=plan.num_dropped.astype(jnp.float32) / max(slots, 1),
+      dropped_fraction=(plan.num_dropped.astype(jnp.float32)
+                        / max(routing.num_slots, 1)),
       router_entropy=routing_lib.router_entropy(routing.probs),
       nonfinite_tokens=jnp.sum(nonfinite, dtype=jnp.int32))
 
@@ -307,8 +301,7 @@ def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
   """
   fn = "moe_ffn"
   config = MoEConfig() if config is None else config
-  check_params(fn, x, params, config.activation)
-  config.router.validate(params.num_experts, fn)
+  check_params(fn, x, params, config.activation)  # `route` validates the router
   explicit = _explicit_axes(x)
   if explicit:
     # Sharding-in-types (jax.make_mesh's default Explicit axes): the dispatch is a
@@ -316,7 +309,7 @@ def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
     # and hand back y with x's sharding. Expert parallelism with explicit
     # collectives is jmoe.parallel.
     out_sharding = (jax.typeof(x).sharding.spec,
-                    MoEAux(*([jax.sharding.PartitionSpec()] * 6)))
+                    MoEAux.filled(jax.sharding.PartitionSpec()))
     body = lambda x, params: _moe_ffn(x, params, config, key)
     return jax.sharding.auto_axes(body, axes=explicit,
                                   out_sharding=out_sharding)(x, params)
@@ -340,10 +333,7 @@ def _moe_ffn(x: Array, params: MoEParams, config: MoEConfig,
   shape = x.shape
   xt = x.reshape(-1, shape[-1])
   routing, capacity = route_tokens(xt, params, config, key)
-  if config.router.kind == "expert_choice":
-    rows, plan = permute_lib.permute(xt, routing)
-  else:
-    rows, plan = permute_lib.permute(xt, routing, capacity=capacity)
+  rows, plan = permute_lib.permute(xt, routing, capacity=capacity)
   out_rows = expert_ffn(rows, params.w_up, params.w_down, params.w_gate,
                         plan.group_sizes, config.activation,
                         implementation=config.gmm_implementation)

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from jmoe._src import checks
-from jmoe._src.routing import ExpertChoiceRouting, Routing
 
 Array = jax.Array
 
@@ -208,11 +207,13 @@ def permute(
 
   Args:
     x: [T, D] token activations.
-    routing: a `Routing` (token choice), an `ExpertChoiceRouting`, or an int
-      [T, k] array of expert ids (then `num_experts` is required).
+    routing: a `Routing` (token choice), an `ExpertChoiceRouting` (anything with
+      `plan(capacity)` and `num_tokens`), or an int [T, k] array of expert ids
+      (then `num_experts` is required).
     num_experts: E, when `routing` is a bare array.
     capacity: token choice only: None for dropless, else the per-expert row limit
-      (see `dispatch_plan`; `expert_capacity` computes the usual one).
+      (see `dispatch_plan`; `expert_capacity` computes the usual one). Expert
+      choice ignores it: its routing already holds C tokens per expert.
 
   Returns:
     rows: [R, D], x's rows in expert order (zeros in unused rows), ready for
@@ -221,21 +222,19 @@ def permute(
   """
   fn = "permute"
   checks.check_rank(fn, "x", x, 2, "[tokens, d_model]")
-  if isinstance(routing, ExpertChoiceRouting):
-    plan = expert_choice_plan(routing.tokens, x.shape[0])
-    checks.check_dim(fn, "routing.probs", routing.probs.shape[0], x.shape[0],
-                     "tokens (dim 0) must match x")
-    return _take_rows(x, plan.row_token), plan
-  if isinstance(routing, Routing):
-    experts, num_experts = routing.experts, routing.num_experts
+  if hasattr(routing, "plan"):  # a routing decision knows its own plan
+    checks.check_dim(fn, "routing", routing.num_tokens, x.shape[0],
+                     "tokens must match x [tokens, d_model]")
+    plan = routing.plan(capacity)
   else:
-    experts = routing
     if num_experts is None:
       raise ValueError(f"{fn}: pass `num_experts` with a bare expert-id array.")
-  checks.check_rank(fn, "experts", experts, 2, "[tokens, k]")
-  checks.check_dim(fn, "experts", experts.shape[0], x.shape[0],
-                   "tokens (dim 0) must match x [tokens, d_model]")
-  plan = dispatch_plan(experts, num_experts, capacity=capacity)
+    checks.check_rank(fn, "experts", routing, 2, "[tokens, k]")
+    checks.check_dim(fn, "experts", routing.shape[0], x.shape[0],
+                     "tokens (dim 0) must match x [tokens, d_model]")
+    plan = dispatch_plan(routing, num_experts, capacity=capacity)
+  if plan.slot_row is None:  # rows name tokens (expert choice): a plain gather
+    return _take_rows(x, plan.row_token), plan
   return gather_rows(x, plan.row_token, plan.slot_row), plan
 
 
