@@ -417,8 +417,7 @@ def _global_capacity(experts: Array, num_experts: int, config: MoEConfig,
   loads = lax.psum(jnp.zeros((s, num_experts), jnp.int32).at[shard].set(
       plan.expert_load), axes)  # [S, E], shard order = token order
   before = jnp.take(jnp.cumsum(loads, axis=0) - loads, shard, axis=0)  # [E]
-  pos = plan.slot_row - jnp.take(plan.indptr, experts)  # position in the segment
-  keep = before[experts] + pos < cap
+  keep = before[experts] + plan.slot_pos < cap
   kept = jnp.where(keep, experts, -1)
   aux_plan = dataclasses.replace(
       plan, num_dropped=jnp.sum(~keep, dtype=jnp.int32))
@@ -501,7 +500,6 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
     sizes: int32 [E_l] rows per local expert.
     route: for `_a2a_return`.
   """
-  t, k = plan.slot_row.shape
   n = lax.axis_size(axis)
   num_experts = plan.group_sizes.shape[0]
   e_l = num_experts // n
@@ -512,14 +510,11 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
   dest = jnp.clip(experts, 0, num_experts - 1) // e_l
   pos = plan.slot_row - jnp.take(plan.indptr, dest * e_l)
   send_row = jnp.where((plan.slot_row < plan.num_rows) & (pos < block),
-                       dest * block + pos, nb).astype(jnp.int32)
-  row_slot = jnp.full((nb,), t * k, jnp.int32).at[send_row.reshape(-1)].set(
-      jnp.arange(t * k, dtype=jnp.int32), mode="drop", unique_indices=True)
-  row_token = jnp.where(row_slot < t * k, row_slot // k, t).astype(jnp.int32)
-  send_plan = dataclasses.replace(plan, row_token=row_token, row_slot=row_slot,
-                                  slot_row=send_row)
+                       dest * block + pos, nb)
+  send_plan = permute_lib.with_rows(plan, send_row, nb)
 
-  send = permute_lib.gather_rows(xt, row_token, send_row)  # [n * block, D]
+  send = permute_lib.gather_rows(xt, send_plan.row_token,
+                                 send_plan.slot_row)  # [n * block, D]
   recv = lax.all_to_all(send, axis, 0, 0, tiled=True)  # block s from source s
   recv_counts = lax.all_to_all(counts, axis, 0, 0, tiled=True)  # [n_src, E_l]
 
@@ -536,8 +531,7 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
   from_earlier = (jnp.cumsum(recv_counts, axis=0) - recv_counts)[s, ec]
   offset = p - (end - recv_counts)[s, ec]
   to_compact = jnp.where(valid, first + from_earlier + offset, nb).astype(jnp.int32)
-  from_compact = jnp.full((nb,), nb, jnp.int32).at[to_compact].set(
-      q, mode="drop", unique_indices=True)
+  from_compact = permute_lib.invert_index(to_compact, nb)
   rows = permute_lib.gather_rows(recv, from_compact, to_compact[:, None])
   return rows, sizes, _Route(send_plan, to_compact, from_compact)
 

@@ -36,6 +36,9 @@ class DispatchPlan:
     slot_row: int32 [T, k], the buffer row of each (token, slot); R marks a pair
       that was dropped (over capacity) or had an expert id outside [0, E).
       None for expert choice.
+    slot_pos: int32 [T, k], each pair's position in its expert's segment in token
+      order, counted before capacity (the pair is kept iff slot_pos < C); -1 for
+      ids outside [0, E). None for expert choice.
     group_sizes: int32 [E], rows each expert holds in the buffer (after capacity).
     indptr: int32 [E + 1], CSR offsets: expert e owns rows indptr[e]:indptr[e+1].
     expert_load: int32 [E], (token, slot) pairs that chose each expert, before
@@ -51,6 +54,7 @@ class DispatchPlan:
   indptr: Array
   expert_load: Array
   num_dropped: Array
+  slot_pos: Array | None = None
   num_tokens: int = dataclasses.field(metadata=dict(static=True), default=0)
 
   @property
@@ -108,15 +112,58 @@ def dispatch_plan(experts: Array, num_experts: int, *,
   indptr = jnp.concatenate(
       [jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])
   start = jnp.take(indptr, jnp.clip(flat, 0, num_experts - 1))
-  slot_row = jnp.where(keep, start + pos, rows).astype(jnp.int32)
-  row_slot = jnp.full((rows,), n, jnp.int32).at[slot_row].set(
-      jnp.arange(n, dtype=jnp.int32), mode="drop", unique_indices=True)
-  row_token = jnp.where(row_slot < n, row_slot // k, t).astype(jnp.int32)
+  slot_row = jnp.where(keep, start + pos, rows).astype(jnp.int32).reshape(t, k)
+  row_slot, row_token = _buffer_rows_of(slot_row, rows)
   num_dropped = jnp.sum(valid & ~keep, dtype=jnp.int32)
   return DispatchPlan(
-      row_token=row_token, row_slot=row_slot, slot_row=slot_row.reshape(t, k),
+      row_token=row_token, row_slot=row_slot, slot_row=slot_row,
       group_sizes=group_sizes.astype(jnp.int32), indptr=indptr,
-      expert_load=load.astype(jnp.int32), num_dropped=num_dropped, num_tokens=t)
+      expert_load=load.astype(jnp.int32), num_dropped=num_dropped,
+      slot_pos=pos.astype(jnp.int32).reshape(t, k), num_tokens=t)
+
+
+def invert_index(index: Array, size: int, fill: int | None = None) -> Array:
+  """The inverse of an injective index map: out[index[i]] = i.
+
+  Args:
+    index: int [n], distinct targets; targets outside [0, size) are dropped
+      (the sentinels of a plan).
+    size: the length of the result.
+    fill: the value where no i maps (default n).
+
+  Returns:
+    int32 [size].
+  """
+  n = index.shape[0]
+  fill = n if fill is None else fill
+  return jnp.full((size,), fill, jnp.int32).at[index].set(
+      jnp.arange(n, dtype=jnp.int32), mode="drop", unique_indices=True)
+
+
+def _buffer_rows_of(slot_row: Array, num_rows: int) -> tuple[Array, Array]:
+  """(row_slot, row_token) [num_rows] of the pairs' rows slot_row [T, k]."""
+  t, k = slot_row.shape
+  row_slot = invert_index(slot_row.reshape(t * k), num_rows)
+  row_token = jnp.where(row_slot < t * k, row_slot // k, t).astype(jnp.int32)
+  return row_slot, row_token
+
+
+def with_rows(plan: DispatchPlan, slot_row: Array, num_rows: int) -> DispatchPlan:
+  """The plan's pairs laid out at other buffer rows (token choice).
+
+  Args:
+    plan: a token-choice `DispatchPlan`.
+    slot_row: int [T, k], the new row of each (token, slot); num_rows marks a pair
+      that is not placed.
+    num_rows: the rows of the new buffer.
+
+  Returns:
+    `plan` with `slot_row`, `row_slot` and `row_token` of the new layout (its
+    counts unchanged): e.g. jmoe.parallel's send buffer of per-device blocks.
+  """
+  row_slot, row_token = _buffer_rows_of(slot_row.astype(jnp.int32), num_rows)
+  return dataclasses.replace(plan, row_token=row_token, row_slot=row_slot,
+                             slot_row=slot_row.astype(jnp.int32))
 
 
 def expert_choice_plan(tokens: Array, num_tokens: int) -> DispatchPlan:
