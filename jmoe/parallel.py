@@ -72,6 +72,7 @@ from jax.sharding import PartitionSpec as P
 
 from jmoe._src import checks
 from jmoe._src import moe as moe_lib
+from jmoe._src import params as params_lib
 from jmoe._src import permute as permute_lib
 from jmoe._src import routing as routing_lib
 
@@ -192,15 +193,11 @@ class ExpertParallel:
     return NamedSharding(self.mesh, self.input_spec())
 
   def param_specs(self, params: MoEParams) -> MoEParams:
-    """PartitionSpecs of `params`: experts over `expert_axis`, the rest replicated."""
+    """PartitionSpecs of `params`: the experts' weights (group "experts" of
+    `jmoe.MOE_PARAMS`) over `expert_axis`, the rest replicated."""
     ex, rep = P(self.expert_axis), P()
-    opt = lambda a, spec: None if a is None else spec
-    return MoEParams(
-        router=rep, w_up=ex, w_down=ex, w_gate=opt(params.w_gate, ex),
-        router_bias=opt(params.router_bias, rep),
-        shared=None if params.shared is None else jax.tree.map(lambda _: rep,
-                                                               params.shared),
-        shared_gate=opt(params.shared_gate, rep))
+    return params_lib.map_params(
+        lambda spec, _: ex if spec.group == "experts" else rep, params)
 
   def params_sharding(self, params: MoEParams) -> MoEParams:
     """NamedShardings of `params` (for `jax.device_put` or jit's shardings)."""
