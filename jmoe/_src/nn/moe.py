@@ -1,5 +1,9 @@
 """The MoE layer's NNX modules: `Router`, `FeedForward` and `MoE`, thin shells over
-`jmoe.route`, `jmoe.ffn` and `jmoe.moe_ffn`."""
+`jmoe.route`, `jmoe.ffn` and `jmoe.moe_ffn`.
+
+Their variables are the rows of `jmoe.MOE_PARAMS` (and `jmoe.FFN_PARAMS`), created
+from the table in its order; `params()` reads them back as `jmoe.MoEParams`.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ import jax.numpy as jnp
 
 from jmoe._src import checks
 from jmoe._src import moe as moe_lib
+from jmoe._src import params as params_lib
 from jmoe._src import routing as routing_lib
 from jmoe._src.nn.variables import ExpertBias, Initializer, check_features
-from jmoe._src.nn.variables import fan_in_init, param, value_or_none
+from jmoe._src.nn.variables import fan_in_init, table_variable, value_or_none
 
 Array = jax.Array
 
@@ -29,8 +34,9 @@ def _update_bias(fn: str, bias: ExpertBias | None, tokens_per_expert: Array,
 class Router(nnx.Module):
   """A router: logits = x @ kernel (float32), then `jmoe.route`.
 
-  Variables: `kernel` [d_model, E] ("embed", "expert"); `bias` [E] ("expert",),
-  an `ExpertBias` (not a Param) when `use_bias`, else None.
+  Variables (rows "router" and "router_bias" of `jmoe.MOE_PARAMS`): `kernel`
+  [d_model, E] ("embed", "expert"); `bias` [E] ("expert",), an `ExpertBias` (not
+  a Param) when `use_bias`, else None.
   """
 
   def __init__(self, d_model: int, num_experts: int, *,
@@ -42,12 +48,12 @@ class Router(nnx.Module):
     self.d_model = d_model
     self.num_experts = num_experts
     self.config = config
-    self.kernel = param(kernel_init(rngs.params(), (d_model, num_experts),
-                                    param_dtype),
-                        ("embed", "expert"), eager_sharding=eager_sharding)
-    self.bias = (param(jnp.zeros((num_experts,), jnp.float32), ("expert",),
-                       eager_sharding=eager_sharding, variable_type=ExpertBias)
-                 if use_bias else None)
+    mk = lambda path: table_variable(
+        params_lib.PARAMS_BY_PATH[path], {"D": d_model, "E": num_experts},
+        rngs=rngs, param_dtype=param_dtype, kernel_init=kernel_init,
+        eager_sharding=eager_sharding)
+    self.kernel = mk("router")
+    self.bias = mk("router_bias") if use_bias else None
 
   def logits(self, x: Array) -> Array:
     """float32 [T, E] router logits of x [..., D] (leading dims flattened)."""
@@ -66,8 +72,9 @@ class Router(nnx.Module):
     Returns:
       `jmoe.Routing` (or `jmoe.ExpertChoiceRouting`) over the T flat tokens.
     """
-    return routing_lib.route(self.logits(x), self.config, bias=value_or_none(self.bias),
-                             key=key, capacity=capacity)
+    return routing_lib.route(self.logits(x), self.config,
+                             bias=value_or_none(self.bias), key=key,
+                             capacity=capacity)
 
   def update_bias(self, tokens_per_expert: Array, *, rate: float = 1e-3) -> None:
     """One `jmoe.update_expert_bias` step of `bias` from the observed load [E]."""
@@ -77,8 +84,9 @@ class Router(nnx.Module):
 class FeedForward(nnx.Module):
   """A dense FFN, `jmoe.ffn`. Returns y only.
 
-  Params (mirror `jmoe.FFNParams`): `w_up` [D, F] ("embed", "mlp"), `w_down` [F, D]
-  ("mlp", "embed"), `w_gate` [D, F] ("embed", "mlp") for GLU activations else None.
+  Params (the rows of `jmoe.FFN_PARAMS`, mirroring `jmoe.FFNParams`): `w_gate`
+  [D, F] ("embed", "mlp") for GLU activations else None, `w_up` [D, F] ("embed",
+  "mlp"), `w_down` [F, D] ("mlp", "embed").
   """
 
   def __init__(self, d_model: int, d_ff: int, *, activation: str = "swiglu",
@@ -91,17 +99,16 @@ class FeedForward(nnx.Module):
     self.d_ff = d_ff
     self.activation = activation
     self.dtype = dtype
-    mk = lambda shape, names: param(kernel_init(rngs.params(), shape, param_dtype),
-                                    names, eager_sharding=eager_sharding)
-    self.w_gate = (mk((d_model, d_ff), ("embed", "mlp"))
-                   if moe_lib.is_glu(activation) else None)
-    self.w_up = mk((d_model, d_ff), ("embed", "mlp"))
-    self.w_down = mk((d_ff, d_model), ("mlp", "embed"))
+    flags, sizes = {"glu": moe_lib.is_glu(activation)}, {"D": d_model, "F": d_ff}
+    for s in params_lib.FFN_PARAMS:
+      setattr(self, s.name, table_variable(
+          s, sizes, rngs=rngs, param_dtype=param_dtype, kernel_init=kernel_init,
+          eager_sharding=eager_sharding) if s.present(flags) else None)
 
   def params(self) -> moe_lib.FFNParams:
     """The `jmoe.FFNParams` of this module (stored dtype)."""
-    return moe_lib.FFNParams(w_up=self.w_up[...], w_down=self.w_down[...],
-                             w_gate=value_or_none(self.w_gate))
+    return moe_lib.FFNParams(**{s.name: value_or_none(getattr(self, s.name))
+                                for s in params_lib.FFN_PARAMS})
 
   def __call__(self, x: Array) -> Array:
     """x [..., D] -> [..., D] in the compute dtype."""
@@ -118,7 +125,8 @@ class MoE(nnx.Module):
 
     y, aux = moe(x)   # x, y: [..., d_model]; aux: jmoe.MoEAux (losses, load)
 
-  Variables (mirror `jmoe.MoEParams`; `params()` returns them as one):
+  Variables: the rows of `jmoe.MOE_PARAMS` that `layout` (a `jmoe.MoELayout`)
+  has, at their NNX paths (`params()` returns them as one `jmoe.MoEParams`):
     router: a `Router`: `router.kernel` [D, E] ("embed", "expert") and, with
       `router_bias`, `router.bias` [E] ("expert",), an `ExpertBias` (not a Param).
     w_gate: [E, D, F] ("expert", "embed", "mlp"), GLU activations only, else None.
@@ -133,10 +141,6 @@ class MoE(nnx.Module):
     d_ff: F, each expert's hidden width.
     num_experts: E.
     config: the `jmoe.MoEConfig` (routing, activation, capacity, gmm backend).
-    shared_d_ff: width of the shared expert(s); 0 for none.
-    shared_gate: scale the shared output by sigmoid(x @ shared_gate) (Qwen2-MoE).
-    router_bias: keep a selection-only router bias (DeepSeek-V3 aux-loss-free
-      balancing); update it with `update_bias(aux.tokens_per_expert)`.
     parallel: None, or an object with `moe_ffn(x, params, config, *, key)` (e.g.
       `jmoe.parallel.ExpertParallel`) called instead of `jmoe.moe_ffn`. Static.
     dtype: compute dtype of the activations (None: x.dtype). `moe_ffn` casts the
@@ -146,53 +150,80 @@ class MoE(nnx.Module):
       scales by the fan-in shape[-2].
     eager_sharding: create parameters already sharded (see the module docstring).
     rngs: `nnx.Rngs` with a `params` stream.
+    **options: the layer's optional parts, fields of `jmoe.MoELayout`:
+      shared_d_ff: width of the shared expert(s); 0 for none.
+      shared_gate: scale the shared output by sigmoid(x @ shared_gate)
+        (Qwen2-MoE).
+      router_bias: keep a selection-only router bias (DeepSeek-V3 aux-loss-free
+        balancing); update it with `update_bias(aux.tokens_per_expert)`.
   """
 
   def __init__(self, d_model: int, d_ff: int, num_experts: int, *,
                config: moe_lib.MoEConfig = moe_lib.MoEConfig(),
-               shared_d_ff: int = 0, shared_gate: bool = False,
-               router_bias: bool = False, parallel: Any = None, dtype=None,
-               param_dtype=jnp.float32, kernel_init: Initializer = fan_in_init,
-               eager_sharding: bool = False, rngs: nnx.Rngs):
+               parallel: Any = None, dtype=None, param_dtype=jnp.float32,
+               kernel_init: Initializer = fan_in_init,
+               eager_sharding: bool = False, rngs: nnx.Rngs, **options):
     if not isinstance(config, moe_lib.MoEConfig):
       raise TypeError(f"MoE: `config` must be a MoEConfig; got {type(config)}.")
-    if shared_gate and not shared_d_ff:
-      raise ValueError("MoE: `shared_gate` needs a shared expert (shared_d_ff > 0).")
-    if router_bias and not config.router.kind_impl.supports_bias:
+    unknown = sorted(set(options) - set(params_lib.LAYOUT_OPTIONS))
+    if unknown:
+      raise TypeError(
+          f"MoE: unknown option(s) {unknown}; the options are"
+          f" {params_lib.LAYOUT_OPTIONS} (fields of jmoe.MoELayout).")
+    try:
+      layout = params_lib.MoELayout(
+          d_model=d_model, d_ff=d_ff, num_experts=num_experts,
+          glu=moe_lib.is_glu(config.activation), **options)
+    except ValueError as err:
+      raise ValueError(f"MoE: {err}") from None
+    if layout.router_bias and not config.router.kind_impl.supports_bias:
       raise ValueError(
           "MoE: `router_bias` is for token-choice routing only; got"
           f" kind={config.router.kind!r}.")
-    self.d_model = d_model
-    self.d_ff = d_ff
-    self.num_experts = num_experts
+    self.layout = layout
     self.config = config
     self.parallel = nnx.static(parallel)
     self.dtype = dtype
-    e, d, f = num_experts, d_model, d_ff
-    mk = lambda shape, names: param(kernel_init(rngs.params(), shape, param_dtype),
-                                    names, eager_sharding=eager_sharding)
-    self.router = Router(d, e, config=config.router, use_bias=router_bias,
-                         param_dtype=param_dtype, kernel_init=kernel_init,
-                         eager_sharding=eager_sharding, rngs=rngs)
-    self.w_gate = (mk((e, d, f), ("expert", "embed", "mlp"))
-                   if moe_lib.is_glu(config.activation) else None)
-    self.w_up = mk((e, d, f), ("expert", "embed", "mlp"))
-    self.w_down = mk((e, f, d), ("expert", "mlp", "embed"))
-    self.shared = (FeedForward(d, shared_d_ff, activation=config.activation,
-                               dtype=dtype, param_dtype=param_dtype,
-                               kernel_init=kernel_init,
-                               eager_sharding=eager_sharding, rngs=rngs)
-                   if shared_d_ff else None)
-    self.shared_gate = mk((d, 1), ("embed", None)) if shared_gate else None
+    common = dict(param_dtype=param_dtype, kernel_init=kernel_init,
+                  eager_sharding=eager_sharding, rngs=rngs)
+    submodules = {  # the rows with a two-part NNX path live in these
+        "router": lambda: Router(d_model, num_experts, config=config.router,
+                                 use_bias=layout.router_bias, **common),
+        "shared": lambda: FeedForward(d_model, layout.shared_d_ff,
+                                      activation=config.activation, dtype=dtype,
+                                      **common) if layout.shared else None,
+    }
+    for s in params_lib.MOE_PARAMS:  # in table order: the order of the draws
+      name = s.module_path[0]
+      if len(s.module_path) > 1:
+        if not hasattr(self, name):
+          setattr(self, name, submodules[name]())
+      else:
+        setattr(self, name, table_variable(s, layout.sizes, **common)
+                if s.present(layout.flags) else None)
+
+  @property
+  def d_model(self) -> int:
+    return self.layout.d_model
+
+  @property
+  def d_ff(self) -> int:
+    return self.layout.d_ff
+
+  @property
+  def num_experts(self) -> int:
+    return self.layout.num_experts
 
   def params(self) -> moe_lib.MoEParams:
     """The `jmoe.MoEParams` of this module (stored dtype)."""
-    return moe_lib.MoEParams(
-        router=self.router.kernel[...], w_up=self.w_up[...],
-        w_down=self.w_down[...], w_gate=value_or_none(self.w_gate),
-        router_bias=value_or_none(self.router.bias),
-        shared=None if self.shared is None else self.shared.params(),
-        shared_gate=value_or_none(self.shared_gate))
+    values = {}
+    for s in params_lib.MOE_PARAMS:
+      v = self
+      for name in s.module_path:
+        v = None if v is None else getattr(v, name)
+      if v is not None:
+        values[s.path] = v[...]
+    return params_lib.params_from_flat(values)
 
   def __call__(self, x: Array, *,
                key: Array | None = None) -> tuple[Array, moe_lib.MoEAux]:

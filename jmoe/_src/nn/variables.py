@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe._src import checks
+from jmoe._src import params as params_lib
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -58,7 +59,8 @@ LOGICAL_AXES = ("embed", "expert", "mlp", "vocab", "q_heads", "kv_heads",
 
 
 class ExpertBias(nnx.Variable):
-  """The selection-only router bias [E] (aux-loss-free balancing).
+  """The selection-only router bias [E] (aux-loss-free balancing): the state rows
+  (`trainable=False`) of `jmoe.MOE_PARAMS`.
 
   Not an `nnx.Param`: `nnx.grad` and `nnx.Optimizer(..., wrt=nnx.Param)` leave it
   alone; it moves only through `update_bias` (`jmoe.update_expert_bias`).
@@ -150,6 +152,20 @@ def fan_in_init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
   """
   shape = tuple(shape)
   return normal_init(key, shape, jnp.dtype(dtype), shape[-2])
+
+
+def table_variable(spec: params_lib.ParamSpec, sizes, *, rngs: nnx.Rngs,
+                   param_dtype, kernel_init: Initializer,
+                   eager_sharding: bool) -> nnx.Variable:
+  """The Variable of one row of a parameter table (`jmoe.MOE_PARAMS`,
+  `jmoe.FFN_PARAMS`) at `sizes`: an `nnx.Param` from `kernel_init` (or zeros), or
+  for state rows (`trainable=False`) a float32 `ExpertBias` of zeros."""
+  shape = spec.shape_of(sizes)
+  dtype = param_dtype if spec.trainable else jnp.float32
+  value = (jnp.zeros(shape, dtype) if spec.init == "zeros"
+           else kernel_init(rngs.params(), shape, dtype))
+  return param(value, spec.axes, eager_sharding=eager_sharding,
+               variable_type=nnx.Param if spec.trainable else ExpertBias)
 
 
 def check_features(fn: str, x: Array, d_model: int) -> None:
