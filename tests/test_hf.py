@@ -312,6 +312,21 @@ def test_jmoe_native_model_loads_into_transformers():
 
 
 @requires_hf
+def test_config_round_trip_and_the_mixtral_preset(jmoe_models):
+  """An imported model's TransformerConfig is the one jmoe.hf reads back from the
+  exported fields; transformers' MixtralConfig() defaults are Mixtral-8x7B's, so
+  they read as the preset."""
+  lm = jmoe_models["qwen2_moe"]
+  fam = jmoe.hf.family("qwen2_moe")
+  back = jmoe.hf._config_from_hf(fam, jmoe.hf.transformers_config_dict(lm, fam))
+  assert jmoe.hf._canonical(back) == jmoe.hf._canonical(lm.config)
+  got = jmoe.hf._config_from_hf(jmoe.hf.family("mixtral"),
+                                transformers.MixtralConfig())
+  assert jmoe.hf._canonical(got) == jmoe.hf._canonical(
+      jnn.TransformerConfig.mixtral_8x7b())
+
+
+@requires_hf
 def test_sliding_window_warns(hf_models):
   hf = hf_models["mixtral"]
   config = transformers.MixtralConfig(**{**hf.config.to_dict(),

@@ -1,7 +1,12 @@
-"""Causal attention with grouped-query heads and RoPE (Hugging Face conventions)."""
+"""Causal attention with grouped-query heads and RoPE (Hugging Face conventions).
+
+`AttentionConfig` holds every attention option; `Attention`, `TransformerConfig`
+and `jmoe.hf` take it, so a new option is a field here and the code that uses it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from flax import nnx
@@ -59,6 +64,72 @@ def _proj(x: Array, w: Array, spec: str, bias: Array | None = None) -> Array:
   return y.astype(x.dtype)
 
 
+QK_NORMS = ("per_head", "full")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+  """The options of causal self-attention. Plain data: frozen and hashable.
+
+  Attributes:
+    num_heads: H query heads.
+    num_kv_heads: K key/value heads (H % K == 0); None: H.
+    head_dim: hd (even, for RoPE); None: d_model // H.
+    rope_theta: the RoPE base.
+    qkv_bias: biases on the q/k/v projections (Qwen2-MoE).
+    out_bias: a bias on the output projection.
+    qk_norm: None, "per_head" (an RMSNorm of each head, Qwen3) or "full" (over
+      the whole projected width before the head split, OLMoE).
+    norm_eps: epsilon of the q/k RMSNorms; None: the model's
+      (`TransformerConfig.norm_eps`), or 1e-6 for an `Attention` on its own.
+  """
+
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  qkv_bias: bool = False
+  out_bias: bool = False
+  qk_norm: Literal["per_head", "full"] | None = None
+  norm_eps: float | None = None
+
+  def __post_init__(self):
+    fn = "AttentionConfig"
+    if not isinstance(self.num_heads, int) or self.num_heads <= 0:
+      raise ValueError(
+          f"{fn}: `num_heads` must be a positive int; got {self.num_heads!r}.")
+    kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+    if not isinstance(kv, int) or kv <= 0 or self.num_heads % kv:
+      raise ValueError(
+          f"{fn}: `num_heads`={self.num_heads} must be a multiple of"
+          f" `num_kv_heads`={kv}.")
+    if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
+      raise ValueError(
+          f"{fn}: RoPE needs an even, positive `head_dim`; got {self.head_dim}.")
+    if self.qk_norm is not None:
+      checks.check_choice(fn, "qk_norm", self.qk_norm, QK_NORMS)
+
+  def resolve(self, d_model: int, *, norm_eps: float = 1e-6) -> AttentionConfig:
+    """This config with every default filled in for a model of width `d_model`:
+    num_kv_heads, head_dim (d_model // num_heads) and norm_eps (`norm_eps`)."""
+    head_dim = self.head_dim
+    if head_dim is None:
+      if d_model % self.num_heads:
+        raise ValueError(
+            f"AttentionConfig: d_model={d_model} is not divisible by"
+            f" num_heads={self.num_heads}; pass `head_dim`.")
+      head_dim = d_model // self.num_heads
+      if head_dim % 2:
+        raise ValueError(
+            f"AttentionConfig: RoPE needs an even `head_dim`; d_model // num_heads"
+            f" = {head_dim}.")
+    return dataclasses.replace(
+        self, head_dim=head_dim,
+        num_kv_heads=self.num_heads if self.num_kv_heads is None
+        else self.num_kv_heads,
+        norm_eps=norm_eps if self.norm_eps is None else self.norm_eps)
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention with grouped-query heads and RoPE.
 
@@ -78,49 +149,35 @@ class Attention(nnx.Module):
 
   Args:
     d_model: D.
-    num_heads: H query heads.
-    num_kv_heads: K key/value heads (H % K == 0); None: H.
-    head_dim: hd (even); None: D // H.
-    rope_theta: RoPE base.
-    qkv_bias: biases on the q/k/v projections.
-    out_bias: a bias on the output projection.
-    qk_norm: None, "per_head" or "full".
-    norm_eps: epsilon of the q/k RMSNorms.
+    config: the `AttentionConfig`, or the number of heads H (then the keywords
+      `overrides` give the other fields: `Attention(D, 8, num_kv_heads=2, ...)`).
     dtype: compute dtype (None: x.dtype); param_dtype: storage dtype.
+    eager_sharding: create parameters already sharded (see `jmoe.nn`).
+    rngs: `nnx.Rngs` with a `params` stream.
+    **overrides: `AttentionConfig` fields that replace the config's.
+
+  Attributes:
+    config: the resolved `AttentionConfig` (no None left); `num_heads`,
+      `num_kv_heads`, `head_dim`, `rope_theta`, `qk_norm` and `norm_eps` read it.
   """
 
-  def __init__(self, d_model: int, num_heads: int, *,
-               num_kv_heads: int | None = None, head_dim: int | None = None,
-               rope_theta: float = 10000.0, qkv_bias: bool = False,
-               out_bias: bool = False,
-               qk_norm: Literal["per_head", "full"] | None = None,
-               norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32,
-               eager_sharding: bool = False, rngs: nnx.Rngs):
-    fn = "Attention"
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if num_heads % num_kv_heads:
-      raise ValueError(
-          f"{fn}: `num_heads`={num_heads} must be a multiple of"
-          f" `num_kv_heads`={num_kv_heads}.")
-    if head_dim is None:
-      if d_model % num_heads:
-        raise ValueError(
-            f"{fn}: d_model={d_model} is not divisible by num_heads={num_heads};"
-            " pass `head_dim`.")
-      head_dim = d_model // num_heads
-    if head_dim % 2:
-      raise ValueError(f"{fn}: RoPE needs an even `head_dim`; got {head_dim}.")
-    if qk_norm is not None:
-      checks.check_choice(fn, "qk_norm", qk_norm, ("per_head", "full"))
+  def __init__(self, d_model: int, config: AttentionConfig | int, *, dtype=None,
+               param_dtype=jnp.float32, eager_sharding: bool = False,
+               rngs: nnx.Rngs, **overrides):
+    if isinstance(config, AttentionConfig):
+      config = dataclasses.replace(config, **overrides) if overrides else config
+    elif isinstance(config, int):
+      config = AttentionConfig(num_heads=config, **overrides)
+    else:
+      raise TypeError(
+          "Attention: `config` must be an AttentionConfig (or the number of"
+          f" heads); got {type(config)}.")
+    config = config.resolve(d_model)
     self.d_model = d_model
-    self.num_heads = num_heads
-    self.num_kv_heads = num_kv_heads
-    self.head_dim = head_dim
-    self.rope_theta = rope_theta
-    self.qk_norm = qk_norm
-    self.norm_eps = norm_eps
+    self.config = config
     self.dtype = dtype
-    h, k, hd, d = num_heads, num_kv_heads, head_dim, d_model
+    h, k, hd, d = config.num_heads, config.num_kv_heads, config.head_dim, d_model
+    qkv_bias, out_bias, qk_norm = config.qkv_bias, config.out_bias, config.qk_norm
     es = dict(eager_sharding=eager_sharding)
     dt = jnp.dtype(param_dtype)
     # Fan-in scaled normals: fan_in = D for q/k/v, H * hd for o.
@@ -148,6 +205,30 @@ class Attention(nnx.Module):
       self.k_norm = ones((k, hd), ("kv_heads", "head_dim"))
     else:
       self.q_norm = self.k_norm = None
+
+  @property
+  def num_heads(self) -> int:
+    return self.config.num_heads
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.config.num_kv_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.config.head_dim
+
+  @property
+  def rope_theta(self) -> float:
+    return self.config.rope_theta
+
+  @property
+  def qk_norm(self) -> str | None:
+    return self.config.qk_norm
+
+  @property
+  def norm_eps(self) -> float:
+    return self.config.norm_eps
 
   def project_qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
     """q [B, S, H, hd], k, v [B, S, K, hd] of x [B, S, D]: projections, biases,
