@@ -83,7 +83,6 @@ except ImportError:  # not installed: run from a checkout
   sys.path.insert(0, os.path.dirname(_HERE))
   import jmoe  # noqa: E402
 import jmoe.nn as jnn  # noqa: E402
-from jmoe._src.gmm import api as gmm_api  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16 datasheet rate
 LN2 = math.log(2.0)
@@ -719,7 +718,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   # Compile (ahead of time) and check the first step on a copy of the state. On a
   # GPU, if jmoe's default grouped matmul (Pallas-Triton) fails here, fall back to
   # XLA's ragged_dot (slower, same maths) and say so in the results.
-  gmm_used = cfg.gmm_implementation or gmm_api.default_implementation()
+  gmm_used = cfg.gmm_implementation or jmoe.default_gmm_implementation()
   gmm_check = None
   try:
     if not cfg.dense and gmm_used not in ("xla", "reference"):
@@ -907,7 +906,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--seq-len", type=int, help="bytes per sequence")
   p.add_argument("--lr", type=float, help="peak learning rate")
   p.add_argument("--time-budget", type=float, help="seconds per run (safety stop)")
-  p.add_argument("--gmm", choices=gmm_api.IMPLEMENTATIONS,
+  p.add_argument("--gmm", choices=jmoe.GMM_IMPLEMENTATIONS,
                  help="grouped-matmul backend (default: jmoe's for the device)")
   p.add_argument("--no-plots", action="store_true")
   p.add_argument("--no-progress", action="store_true")

@@ -1,10 +1,14 @@
 """jmoe: Mixture-of-Experts layers for JAX.
 
 Pure functions (routing, losses, the prefix-sum dispatch plan, the grouped matmul,
-the whole MoE layer) and the MoE layer's parameter table are re-exported here; Flax NNX modules live in `jmoe.nn`, the
-Linen wrapper in `jmoe.linen`.
+the whole MoE layer) and the MoE layer's parameter table are re-exported here;
+Flax NNX modules and the model configs live in `jmoe.nn`, the Linen wrapper in
+`jmoe.linen`, expert parallelism in `jmoe.parallel`, checkpoint conversion in
+`jmoe.hf`.
 """
 
+from jmoe._src.gmm.api import IMPLEMENTATIONS as GMM_IMPLEMENTATIONS
+from jmoe._src.gmm.api import default_implementation as default_gmm_implementation
 from jmoe._src.gmm.api import gmm as gmm
 from jmoe._src.moe import MoEAux as MoEAux
 from jmoe._src.moe import MoEConfig as MoEConfig

@@ -144,7 +144,7 @@ def test_gpu_kernel_failure_falls_back_to_xla(tmp_path, monkeypatch):
   # On a GPU, jmoe's default grouped matmul is the Pallas-Triton kernel. If it fails
   # to compile or run, the run falls back to XLA's ragged_dot and says so. Here the
   # non-interpreted Pallas kernel cannot lower on CPU: the same failure path.
-  monkeypatch.setattr(train_lm.gmm_api, "default_implementation", lambda: "pallas")
+  monkeypatch.setattr(train_lm.jmoe, "default_gmm_implementation", lambda: "pallas")
   cfg = dataclasses.replace(CFG, steps=2, log_every=1, eval_every=0, ckpt_every=-1)
   run = train_lm.train(cfg, str(tmp_path), progress=False, plots=False,
                        measure_matmul=False)
@@ -161,3 +161,12 @@ def test_gmm_check_compares_kernels_at_the_run_shapes():
   assert max(errors.values()) < 5e-2, errors
   with pytest.raises(FloatingPointError, match="disagrees"):
     train_lm.check_gmm(cfg, "pallas_interpret", tol=-1.0)
+
+
+def test_examples_use_only_the_public_api():
+  examples = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "examples")
+  for name in sorted(os.listdir(examples)):
+    if name.endswith(".py"):
+      with open(os.path.join(examples, name)) as f:
+        assert "_src" not in f.read(), f"examples/{name} imports jmoe._src"
