@@ -21,7 +21,11 @@ Families (transformers `model_type`; the full LM and/or the MoE block):
                has no jmoe module)
 
 Each family is a value (`Family`, in `FAMILIES`): config-field names, router
-settings and key names. Nothing in jmoe's core knows about them.
+settings and key names. Nothing in jmoe's core knows about them. A transformers
+config reads into one `jmoe.nn.TransformerConfig` (the model's `lm.config`), and
+export writes that config back and checks that the family reads it the same way.
+The MoE block's tensors are the rows of `jmoe.MOE_PARAMS` that its `MoELayout`
+has, each under its HF name.
 
 Router (HF config -> `jmoe.RouterConfig`):
 

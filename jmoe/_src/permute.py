@@ -9,6 +9,9 @@ expert's load (`group_sizes`), and the exclusive prefix sum of the loads is the 
 Both directions are gathers, forward and backward (custom VJPs), so nothing
 scatter-adds floats: the result is bitwise deterministic on every backend.
 
+jmoe.parallel lays the same plan out again for its exchanges with what this module
+exports: `DispatchPlan.slot_pos`, `invert_index`, `with_rows` and `gather_rows`.
+
 Shapes: T tokens, k slots per token, E experts, R buffer rows, D features.
 """
 
