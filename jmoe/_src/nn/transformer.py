@@ -47,7 +47,6 @@ def moe_layer_pattern(num_layers: int, *, first_dense: int = 0,
   return tuple(i >= first_dense and i % every == 0 for i in range(num_layers))
 
 
-
 _ATTENTION_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionConfig))
 
 
@@ -118,7 +117,7 @@ class TransformerConfig:
             f" got {len(layers)}.")
       if any(layers) and self.num_experts <= 0:
         raise ValueError(f"{fn}: MoE layers need `num_experts` > 0.")
-    self.attention_config  # checks the attention against d_model
+    self.attention.resolve(self.d_model)  # checks head_dim against d_model
     if any(self.layer_is_moe):
       self.moe_layout()  # checks the MoE layers' options
 
