@@ -594,3 +594,14 @@ def test_presets_have_the_published_sizes(preset, total, active):
     n_active += n * config.moe.top_k / config.num_experts if per_expert else n
   assert abs(n_total / total - 1) < 0.01, n_total
   assert abs(n_active / active - 1) < 0.05, n_active
+
+
+def test_sizes_as_keywords_still_work():
+  a = nnx.eval_shape(lambda: jnn.MoETransformerLM(
+      vocab_size=V, d_model=D, num_layers=2, num_heads=H, d_ff=F, num_experts=E,
+      num_kv_heads=KV, rngs=nnx.Rngs(0)))
+  assert a.config == jnn.TransformerConfig.make(V, D, 2, H, F, num_experts=E,
+                                                num_kv_heads=KV)
+  attn = nnx.eval_shape(lambda: jnn.Attention(d_model=D, num_heads=H,
+                                              num_kv_heads=KV, rngs=nnx.Rngs(0)))
+  assert attn.config == jnn.AttentionConfig(num_heads=H, num_kv_heads=KV).resolve(D)

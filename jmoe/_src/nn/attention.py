@@ -150,7 +150,8 @@ class Attention(nnx.Module):
   Args:
     d_model: D.
     config: the `AttentionConfig`, or the number of heads H (then the keywords
-      `overrides` give the other fields: `Attention(D, 8, num_kv_heads=2, ...)`).
+      `overrides` give the other fields: `Attention(D, 8, num_kv_heads=2, ...)`,
+      or `Attention(D, num_heads=8, ...)`).
     dtype: compute dtype (None: x.dtype); param_dtype: storage dtype.
     eager_sharding: create parameters already sharded (see `jmoe.nn`).
     rngs: `nnx.Rngs` with a `params` stream.
@@ -161,13 +162,15 @@ class Attention(nnx.Module):
       `num_kv_heads`, `head_dim`, `rope_theta`, `qk_norm` and `norm_eps` read it.
   """
 
-  def __init__(self, d_model: int, config: AttentionConfig | int, *, dtype=None,
-               param_dtype=jnp.float32, eager_sharding: bool = False,
+  def __init__(self, d_model: int, config: AttentionConfig | int | None = None, *,
+               dtype=None, param_dtype=jnp.float32, eager_sharding: bool = False,
                rngs: nnx.Rngs, **overrides):
     if isinstance(config, AttentionConfig):
       config = dataclasses.replace(config, **overrides) if overrides else config
     elif isinstance(config, int):
       config = AttentionConfig(num_heads=config, **overrides)
+    elif config is None and "num_heads" in overrides:  # Attention(D, num_heads=H)
+      config = AttentionConfig(**overrides)
     else:
       raise TypeError(
           "Attention: `config` must be an AttentionConfig (or the number of"

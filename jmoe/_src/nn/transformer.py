@@ -331,8 +331,8 @@ class MoETransformerLM(nnx.Module):
 
   Args:
     config: the `TransformerConfig`; or, as before, the sizes vocab_size, d_model,
-      num_layers, num_heads, d_ff (positional) with the other fields as keywords
-      (`TransformerConfig.make`).
+      num_layers, num_heads, d_ff (positional or keywords) with the other fields
+      as keywords (`TransformerConfig.make`).
     parallel: None, or an object with `moe_ffn(x, params, config, *, key)` (e.g.
       `jmoe.parallel.ExpertParallel`) every `MoE` calls. Not part of the config:
       it is how to run the model, not what the model is.
@@ -347,7 +347,7 @@ class MoETransformerLM(nnx.Module):
       resolved per-layer tuple) and `tie_embeddings` read it.
   """
 
-  def __init__(self, config: TransformerConfig | int, *sizes: int,
+  def __init__(self, config: TransformerConfig | int | None = None, *sizes: int,
                parallel: Any = None, dtype=None, param_dtype=jnp.float32,
                eager_sharding: bool = False, rngs: nnx.Rngs, **options):
     if isinstance(config, TransformerConfig):
@@ -358,6 +358,8 @@ class MoETransformerLM(nnx.Module):
       config = config.replace(**options) if options else config
     elif isinstance(config, int):
       config = TransformerConfig.make(config, *sizes, **options)
+    elif config is None and "vocab_size" in options:  # the sizes as keywords
+      config = TransformerConfig.make(**options)
     else:
       raise TypeError(
           "MoETransformerLM: `config` must be a TransformerConfig (or the sizes"
