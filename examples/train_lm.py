@@ -15,7 +15,8 @@ Data (examples/lm_data.py): the interpreter's own `.py` files as bytes (vocab 25
 a fixed held-out split by file hash, packed into windows of seq_len + 1 bytes. Nothing
 is downloaded.
 
-Model: `jmoe.nn.MoETransformerLM`, bf16 activations, float32 parameters and router.
+Model: `jmoe.nn.MoETransformerLM` of the run's `jmoe.nn.TransformerConfig`
+(`Config.model_config`), bf16 activations, float32 parameters and router.
 `--dense` swaps every MoE FFN for a dense FFN of width d_ff * top_k + shared_d_ff: the
 same active parameters and FLOPs per token (up to the router's 2*D*E).
 
@@ -82,7 +83,6 @@ except ImportError:  # not installed: run from a checkout
   sys.path.insert(0, os.path.dirname(_HERE))
   import jmoe  # noqa: E402
 import jmoe.nn as jnn  # noqa: E402
-from jmoe._src.gmm import api as gmm_api  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16 datasheet rate
 LN2 = math.log(2.0)
@@ -144,6 +144,20 @@ class Config:
                           gmm_implementation=self.gmm_implementation)
 
   @property
+  def model_config(self) -> jnn.TransformerConfig:
+    """The model of this run (its dense twin when `dense`): the run's knobs mapped
+    onto the library's config, once."""
+    return jnn.TransformerConfig(
+        vocab_size=lm_data.VOCAB_SIZE, d_model=self.d_model,
+        num_layers=self.num_layers, d_ff=self.d_ff,
+        attention=jnn.AttentionConfig(num_heads=self.num_heads,
+                                      num_kv_heads=self.num_kv_heads,
+                                      qk_norm=self.qk_norm),
+        num_experts=0 if self.dense else self.num_experts, moe=self.moe_config,
+        first_dense=0 if self.dense else self.first_dense,
+        dense_d_ff=self.dense_d_ff, shared_d_ff=0 if self.dense else self.shared_d_ff)
+
+  @property
   def dense_d_ff(self) -> int:
     """Width of a dense FFN with an MoE layer's active FLOPs."""
     return self.d_ff * self.top_k + self.shared_d_ff
@@ -193,22 +207,19 @@ PRESETS: dict[str, Config] = {
 
 
 def build_model(cfg: Config, rngs: nnx.Rngs) -> jnn.MoETransformerLM:
-  common = dict(num_kv_heads=cfg.num_kv_heads, qk_norm=cfg.qk_norm,
-                dtype=jnp.dtype(cfg.dtype),
-                param_dtype=jnp.float32, rngs=rngs)
-  if cfg.dense:
-    return jnn.MoETransformerLM(
-        lm_data.VOCAB_SIZE, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_ff,
-        num_experts=0, moe=cfg.moe_config, dense_d_ff=cfg.dense_d_ff, **common)
-  return jnn.MoETransformerLM(
-      lm_data.VOCAB_SIZE, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_ff,
-      num_experts=cfg.num_experts, moe=cfg.moe_config, first_dense=cfg.first_dense,
-      dense_d_ff=cfg.dense_d_ff, shared_d_ff=cfg.shared_d_ff, **common)
+  return jnn.MoETransformerLM(cfg.model_config, dtype=jnp.dtype(cfg.dtype),
+                              param_dtype=jnp.float32, rngs=rngs)
+
+
+# The routed experts' weights (group "experts" of the parameter table) by name and
+# rank; a dense layer's FFN has the same names at rank 2.
+_EXPERT_WEIGHTS = {s.name: len(s.shape) for s in jmoe.MOE_PARAMS
+                   if s.group == "experts"}
 
 
 def _is_expert_weight(path: tuple, leaf) -> bool:
   names = [str(getattr(k, "key", k)) for k in path]
-  return (np.ndim(leaf) == 3 and names[-1] in ("w_up", "w_gate", "w_down")
+  return (_EXPERT_WEIGHTS.get(names[-1]) == np.ndim(leaf)
           and "shared" not in names)
 
 
@@ -227,7 +238,7 @@ def param_counts(cfg: Config, params) -> dict:
 
 def flops_per_token(cfg: Config, params_active: int) -> float:
   """6 * N_active + 12 * L * H * hd * S (forward + backward, full attention)."""
-  head_dim = cfg.d_model // cfg.num_heads
+  head_dim = cfg.model_config.attention_config.head_dim
   return 6.0 * params_active + 12.0 * cfg.num_layers * cfg.num_heads * head_dim * cfg.seq_len
 
 
@@ -707,7 +718,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   # Compile (ahead of time) and check the first step on a copy of the state. On a
   # GPU, if jmoe's default grouped matmul (Pallas-Triton) fails here, fall back to
   # XLA's ragged_dot (slower, same maths) and say so in the results.
-  gmm_used = cfg.gmm_implementation or gmm_api.default_implementation()
+  gmm_used = cfg.gmm_implementation or jmoe.default_gmm_implementation()
   gmm_check = None
   try:
     if not cfg.dense and gmm_used not in ("xla", "reference"):
@@ -895,7 +906,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--seq-len", type=int, help="bytes per sequence")
   p.add_argument("--lr", type=float, help="peak learning rate")
   p.add_argument("--time-budget", type=float, help="seconds per run (safety stop)")
-  p.add_argument("--gmm", choices=gmm_api.IMPLEMENTATIONS,
+  p.add_argument("--gmm", choices=jmoe.GMM_IMPLEMENTATIONS,
                  help="grouped-matmul backend (default: jmoe's for the device)")
   p.add_argument("--no-plots", action="store_true")
   p.add_argument("--no-progress", action="store_true")

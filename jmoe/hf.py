@@ -21,7 +21,11 @@ Families (transformers `model_type`; the full LM and/or the MoE block):
                has no jmoe module)
 
 Each family is a value (`Family`, in `FAMILIES`): config-field names, router
-settings and key names. Nothing in jmoe's core knows about them.
+settings and key names. Nothing in jmoe's core knows about them. A transformers
+config reads into one `jmoe.nn.TransformerConfig` (the model's `lm.config`), and
+export writes that config back and checks that the family reads it the same way.
+The MoE block's tensors are the rows of `jmoe.MOE_PARAMS` that its `MoELayout`
+has, each under its HF name.
 
 Router (HF config -> `jmoe.RouterConfig`):
 
@@ -108,6 +112,7 @@ import numpy as np
 
 from jmoe import nn as jnn
 from jmoe._src import moe as moe_lib
+from jmoe._src import params as params_lib
 from jmoe._src import routing as routing_lib
 
 _MISSING = object()
@@ -192,7 +197,8 @@ class Family:
     head_dim_field: the config takes an explicit `head_dim`.
     legacy_moe: the MoE module's name in on-disk checkpoints.
     legacy_experts: on-disk names of each expert's (gate, up, down) linears.
-    export_fields: (spec, router) -> the family-specific config fields.
+    export_fields: (config, router) -> the family-specific config fields, from
+      the model's canonical `jmoe.nn.TransformerConfig` (see `_canonical`).
   """
 
   model_type: str
@@ -216,8 +222,8 @@ class Family:
   export_fields: Callable[[Any, routing_lib.RouterConfig], dict] | None = None
 
 
-def _dense_layers(spec) -> list[int]:
-  return [i for i, m in enumerate(spec.moe_layers) if not m]
+def _dense_layers(config) -> list[int]:
+  return [i for i, m in enumerate(config.layer_is_moe) if not m]
 
 
 FAMILIES: dict[str, Family] = {
@@ -243,7 +249,7 @@ FAMILIES: dict[str, Family] = {
             intermediate_size=s.dense_d_ff or s.d_ff,
             shared_expert_intermediate_size=s.shared_d_ff,
             norm_topk_prob=r.normalize, decoder_sparse_step=1,
-            mlp_only_layers=_dense_layers(s), qkv_bias=s.qkv_bias,
+            mlp_only_layers=_dense_layers(s), qkv_bias=s.attention.qkv_bias,
             use_sliding_window=False)),
     "qwen3_moe": Family(
         model_type="qwen3_moe", causal_lm="Qwen3MoeForCausalLM",
@@ -257,7 +263,7 @@ FAMILIES: dict[str, Family] = {
             num_experts=s.num_experts, moe_intermediate_size=s.d_ff,
             intermediate_size=s.dense_d_ff or s.d_ff, norm_topk_prob=r.normalize,
             decoder_sparse_step=1, mlp_only_layers=_dense_layers(s),
-            attention_bias=s.qkv_bias, use_sliding_window=False)),
+            attention_bias=s.attention.qkv_bias, use_sliding_window=False)),
     "olmoe": Family(
         model_type="olmoe", causal_lm="OlmoeForCausalLM",
         moe_block="OlmoeSparseMoeBlock", router=_softmax_router,
@@ -267,7 +273,7 @@ FAMILIES: dict[str, Family] = {
         qk_norm="full",
         export_fields=lambda s, r: dict(
             num_experts=s.num_experts, intermediate_size=s.d_ff,
-            norm_topk_prob=r.normalize, attention_bias=s.qkv_bias,
+            norm_topk_prob=r.normalize, attention_bias=s.attention.qkv_bias,
             clip_qkv=None)),
     "deepseek_v3": Family(
         model_type="deepseek_v3", causal_lm=None, moe_block="DeepseekV3MoE",
@@ -296,32 +302,8 @@ def family(name_or_config) -> Family:
 
 
 # ------------------------------------------------------------------------------
-# Sizes: one record, read from a transformers config or from a jmoe model.
+# The model: a jmoe.nn.TransformerConfig, read from a transformers config.
 # ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _Spec:
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  moe_layers: tuple[bool, ...]
-  num_experts: int
-  d_ff: int
-  dense_d_ff: int | None
-  shared_d_ff: int
-  shared_gate: bool
-  router_bias: bool
-  qkv_bias: bool
-  out_bias: bool
-  qk_norm: str | None
-  tie_embeddings: bool
-  rope_theta: float
-  norm_eps: float
-  activation: str
 
 
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
@@ -348,7 +330,8 @@ def _rope_theta(c) -> float:
   return float(params.get("rope_theta", _get(c, "rope_theta", 10000.0)))
 
 
-def _spec_from_config(fam: Family, c) -> _Spec:
+def _config_from_hf(fam: Family, c) -> jnn.TransformerConfig:
+  """The `jmoe.nn.TransformerConfig` of a transformers config (object or dict)."""
   d = int(_get(c, "hidden_size"))
   h = int(_get(c, "num_attention_heads"))
   kv = int(_get(c, "num_key_value_heads", None) or h)
@@ -360,40 +343,35 @@ def _spec_from_config(fam: Family, c) -> _Spec:
         f" num_attention_heads = {d // h}, but head_dim = {hd}.")
   if fam.model_type == "olmoe" and _get(c, "clip_qkv", None) is not None:
     raise NotImplementedError("jmoe.hf: OLMoE `clip_qkv` is not supported.")
-  return _Spec(
-      vocab_size=int(_get(c, "vocab_size")), d_model=d, num_layers=n,
+  attention = jnn.AttentionConfig(
       num_heads=h, num_kv_heads=kv, head_dim=hd,
-      moe_layers=tuple(fam.moe_layers(c, n)),
+      rope_theta=_rope_theta(c) if fam.causal_lm else 10000.0,
+      qkv_bias=bool(fam.qkv_bias(c)), out_bias=bool(fam.out_bias(c)),
+      qk_norm=fam.qk_norm)
+  return jnn.TransformerConfig(
+      vocab_size=int(_get(c, "vocab_size")), d_model=d, num_layers=n,
+      attention=attention, d_ff=int(_get(c, fam.expert_d_ff)),
       num_experts=int(_get(c, fam.num_experts)),
-      d_ff=int(_get(c, fam.expert_d_ff)),
+      moe=moe_lib.MoEConfig(router=fam.router(c), activation=_activation(c)),
+      moe_layers=tuple(fam.moe_layers(c, n)),
       dense_d_ff=(int(_get(c, fam.dense_d_ff)) if fam.dense_d_ff else None),
       shared_d_ff=int(fam.shared_d_ff(c)), shared_gate=fam.shared_gate,
-      router_bias=fam.router_bias, qkv_bias=bool(fam.qkv_bias(c)),
-      out_bias=bool(fam.out_bias(c)), qk_norm=fam.qk_norm,
+      router_bias=fam.router_bias,
       tie_embeddings=bool(_get(c, "tie_word_embeddings", False)),
-      rope_theta=_rope_theta(c) if fam.causal_lm else 10000.0,
-      norm_eps=float(_get(c, "rms_norm_eps", 1e-6)), activation=_activation(c))
+      norm_eps=float(_get(c, "rms_norm_eps", 1e-6)))
 
 
-def _spec_from_model(model: jnn.MoETransformerLM) -> _Spec:
-  attn = model.blocks[0].attn
-  moes = model.moe_blocks()
-  if not moes:
-    raise ValueError("jmoe.hf: the model has no MoE layer.")
-  m = moes[0]
-  dense = [b.mlp for b in model.blocks if not b.is_moe]
-  return _Spec(
-      vocab_size=model.vocab_size, d_model=model.d_model,
-      num_layers=len(model.blocks), num_heads=attn.num_heads,
-      num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
-      moe_layers=tuple(model.moe_layers), num_experts=m.num_experts, d_ff=m.d_ff,
-      dense_d_ff=dense[0].d_ff if dense else None,
-      shared_d_ff=m.shared.d_ff if m.shared is not None else 0,
-      shared_gate=m.shared_gate is not None, router_bias=m.router.bias is not None,
-      qkv_bias=attn.q_bias is not None,
-      out_bias=getattr(attn, "o_bias", None) is not None, qk_norm=attn.qk_norm,
-      tie_embeddings=model.tie_embeddings, rope_theta=float(attn.rope_theta),
-      norm_eps=float(attn.norm_eps), activation=m.config.activation)
+def _canonical(config: jnn.TransformerConfig) -> jnn.TransformerConfig:
+  """One spelling of a model: explicit layer pattern and attention, the dense
+  width only where there are dense layers, and the router as `_comparable` (what
+  routes the same compares equal; capacity and the gmm backend are not part of
+  the checkpoint)."""
+  layers = config.layer_is_moe
+  return dataclasses.replace(
+      config, attention=config.attention_config, moe_layers=layers,
+      first_dense=0, dense_d_ff=config.dense_width if not all(layers) else None,
+      moe=moe_lib.MoEConfig(router=_comparable(config.moe.router),
+                            activation=config.moe.activation))
 
 
 # ------------------------------------------------------------------------------
@@ -453,35 +431,47 @@ def _join_gate_up(g, u):
                          np.asarray(u).transpose(0, 2, 1)], axis=1)
 
 
-def _moe_entries(fam: Family, s: _Spec, hp: str, jp: tuple) -> list[_Entry]:
-  d, e = s.d_model, s.num_experts
-  out = [
-      _linear(hp + "gate.weight", jp + ("router", "kernel"), (d, e)),
-      _Entry(hp + "experts.gate_up_proj", (jp + ("w_gate",), jp + ("w_up",)),
-             _split_gate_up, _join_gate_up),
-      _Entry(hp + "experts.down_proj", (jp + ("w_down",),),
-             lambda w: (np.asarray(w).transpose(0, 2, 1),),
-             lambda p: np.asarray(p).transpose(0, 2, 1)),
-  ]
-  if s.router_bias:
-    out.append(_same(hp + "gate.e_score_correction_bias",
-                     jp + ("router", "bias"), (e,)))
-  if s.shared_d_ff:
-    out += _ffn_entries(f"{hp}{fam.shared}.", jp + ("shared",), d, s.shared_d_ff)
-  if s.shared_gate:
-    out.append(_linear(hp + "shared_expert_gate.weight", jp + ("shared_gate",),
-                       (d, 1)))
-  return out
+def _moe_entries(fam: Family, layout: params_lib.MoELayout, hp: str,
+                 jp: tuple) -> list[_Entry]:
+  """The entries of one MoE block's parameters: the rows of `jmoe.MOE_PARAMS`
+  that `layout` has, each under its HF name (and at its NNX path)."""
+  path = lambda p: jp + params_lib.PARAMS_BY_PATH[p].module_path
+  shape = layout.shape
+  gate_up = _Entry(hp + "experts.gate_up_proj", (path("w_gate"), path("w_up")),
+                   _split_gate_up, _join_gate_up)
+  shared = {f"shared.{e.paths[0][-1]}": e for e in _ffn_entries(
+      f"{hp}{fam.shared}.", jp + ("shared",), layout.d_model, layout.shared_d_ff)}
+  hf = {
+      "router": _linear(hp + "gate.weight", path("router"), shape("router")),
+      "w_gate": gate_up, "w_up": gate_up,  # one fused HF tensor
+      "w_down": _Entry(hp + "experts.down_proj", (path("w_down"),),
+                       lambda w: (np.asarray(w).transpose(0, 2, 1),),
+                       lambda p: np.asarray(p).transpose(0, 2, 1)),
+      **shared,
+      "shared_gate": _linear(hp + "shared_expert_gate.weight", path("shared_gate"),
+                             shape("shared_gate")),
+      "router_bias": _same(hp + "gate.e_score_correction_bias",
+                           path("router_bias"), shape("router_bias")),
+  }
+  out = {}
+  for row in layout.rows():
+    if row.path not in hf:
+      raise NotImplementedError(
+          f"jmoe.hf: the MoE parameter {row.path!r} has no Hugging Face name.")
+    out.setdefault(hf[row.path].hf, hf[row.path])
+  return list(out.values())
 
 
-def _lm_entries(fam: Family, s: _Spec) -> list[_Entry]:
-  d, h, k, hd = s.d_model, s.num_heads, s.num_kv_heads, s.head_dim
-  out = [_same("model.embed_tokens.weight", ("embed", "embedding"),
-               (s.vocab_size, d), (s.vocab_size, d)),
+def _lm_entries(fam: Family, config: jnn.TransformerConfig) -> list[_Entry]:
+  a_cfg = config.attention_config
+  d, h, k, hd = config.d_model, a_cfg.num_heads, a_cfg.num_kv_heads, a_cfg.head_dim
+  v = config.vocab_size
+  out = [_same("model.embed_tokens.weight", ("embed", "embedding"), (v, d),
+               (v, d)),
          _same("model.norm.weight", ("final_norm", "scale"), (d,))]
-  if not s.tie_embeddings:
-    out.append(_linear("lm_head.weight", ("head",), (d, s.vocab_size)))
-  for i, is_moe in enumerate(s.moe_layers):
+  if not config.tie_embeddings:
+    out.append(_linear("lm_head.weight", ("head",), (d, v)))
+  for i, is_moe in enumerate(config.layer_is_moe):
     hp, jp = f"model.layers.{i}.", ("blocks", i)
     a, ja = hp + "self_attn.", jp + ("attn",)
     out += [
@@ -493,20 +483,20 @@ def _lm_entries(fam: Family, s: _Spec) -> list[_Entry]:
         _linear(a + "v_proj.weight", ja + ("v_proj",), (d, k, hd)),
         _linear_in(a + "o_proj.weight", ja + ("o_proj",), (h, hd, d)),
     ]
-    if s.qkv_bias:
+    if a_cfg.qkv_bias:
       out += [_same(a + "q_proj.bias", ja + ("q_bias",), (h, hd)),
               _same(a + "k_proj.bias", ja + ("k_bias",), (k, hd)),
               _same(a + "v_proj.bias", ja + ("v_bias",), (k, hd))]
-    if s.out_bias:
+    if a_cfg.out_bias:
       out.append(_same(a + "o_proj.bias", ja + ("o_bias",), (d,)))
-    if s.qk_norm is not None:
-      qs, ks = ((hd,), (hd,)) if s.qk_norm == "per_head" else ((h, hd), (k, hd))
+    if a_cfg.qk_norm is not None:
+      qs, ks = ((hd,), (hd,)) if a_cfg.qk_norm == "per_head" else ((h, hd), (k, hd))
       out += [_same(a + "q_norm.weight", ja + ("q_norm",), qs),
               _same(a + "k_norm.weight", ja + ("k_norm",), ks)]
     if is_moe:
-      out += _moe_entries(fam, s, hp + "mlp.", jp + ("mlp",))
+      out += _moe_entries(fam, config.moe_layout(), hp + "mlp.", jp + ("mlp",))
     else:
-      out += _ffn_entries(hp + "mlp.", jp + ("mlp",), d, s.dense_d_ff)
+      out += _ffn_entries(hp + "mlp.", jp + ("mlp",), d, config.dense_width)
   return out
 
 
@@ -645,17 +635,9 @@ def _warn_sliding_window(c) -> None:
         " no longer than the window.", stacklevel=3)
 
 
-def _lm_ctor(s: _Spec, router: routing_lib.RouterConfig, dtype, param_dtype):
-  moe = moe_lib.MoEConfig(router=router, activation=s.activation)
-  return lambda: jnn.MoETransformerLM(
-      s.vocab_size, s.d_model, s.num_layers, s.num_heads, s.d_ff,
-      num_experts=s.num_experts, moe=moe, moe_layers=s.moe_layers,
-      dense_d_ff=s.dense_d_ff, shared_d_ff=s.shared_d_ff,
-      shared_gate=s.shared_gate, router_bias=s.router_bias,
-      tie_embeddings=s.tie_embeddings, num_kv_heads=s.num_kv_heads,
-      head_dim=s.head_dim, rope_theta=s.rope_theta, qkv_bias=s.qkv_bias,
-      out_bias=s.out_bias, qk_norm=s.qk_norm, norm_eps=s.norm_eps, dtype=dtype,
-      param_dtype=param_dtype, rngs=nnx.Rngs(0))
+def _lm_ctor(config: jnn.TransformerConfig, dtype, param_dtype):
+  return lambda: jnn.MoETransformerLM(config, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=nnx.Rngs(0))
 
 
 def _lm_family(config) -> Family:
@@ -686,12 +668,12 @@ def from_state_dict(state_dict: Mapping[str, Any], config, *, dtype=None,
     param_dtype: storage dtype of the jmoe parameters.
   """
   fam = _lm_family(config)
-  spec = _spec_from_config(fam, config)
+  model_config = _config_from_hf(fam, config)
   _warn_sliding_window(config)
   sd = _fused(_numpy_state_dict(state_dict), fam)
-  ignore = ("lm_head.weight",) if spec.tie_embeddings else ()
-  return _fill(_lm_ctor(spec, fam.router(config), dtype, param_dtype),
-               _lm_entries(fam, spec), sd, ignore=ignore)
+  ignore = ("lm_head.weight",) if model_config.tie_embeddings else ()
+  return _fill(_lm_ctor(model_config, dtype, param_dtype),
+               _lm_entries(fam, model_config), sd, ignore=ignore)
 
 
 def from_transformers(hf_model, config=None, *, dtype=None,
@@ -752,18 +734,15 @@ def _block_config(hf_block) -> dict:
         " pass the model's `config`.") from err
 
 
-def _block_spec(fam: Family, sd: dict, config) -> _Spec:
+def _block_layout(fam: Family, sd: dict) -> params_lib.MoELayout:
+  """The `jmoe.MoELayout` of an HF MoE block, read from its tensors."""
   e, d = sd["gate.weight"].shape
   shared = f"{fam.shared}.up_proj.weight"
-  return _Spec(
-      vocab_size=0, d_model=d, num_layers=1, num_heads=1, num_kv_heads=1,
-      head_dim=2, moe_layers=(True,), num_experts=e,
-      d_ff=sd["experts.gate_up_proj"].shape[1] // 2, dense_d_ff=None,
+  return params_lib.MoELayout(
+      d_model=d, d_ff=sd["experts.gate_up_proj"].shape[1] // 2, num_experts=e,
       shared_d_ff=sd[shared].shape[0] if fam.shared and shared in sd else 0,
       shared_gate="shared_expert_gate.weight" in sd,
-      router_bias="gate.e_score_correction_bias" in sd, qkv_bias=False,
-      out_bias=False, qk_norm=None, tie_embeddings=False, rope_theta=0.0,
-      norm_eps=0.0, activation=_activation(config))
+      router_bias="gate.e_score_correction_bias" in sd)
 
 
 def moe_block_from_transformers(hf_block, config=None, *, dtype=None,
@@ -792,14 +771,12 @@ def moe_block_from_transformers(hf_block, config=None, *, dtype=None,
     sd = hf_block.state_dict()
   fam = family(config)
   sd = _fused(_numpy_state_dict(sd), fam)
-  spec = _block_spec(fam, sd, config)
-  moe = moe_lib.MoEConfig(router=fam.router(config), activation=spec.activation)
+  layout = _block_layout(fam, sd)
+  moe = moe_lib.MoEConfig(router=fam.router(config), activation=_activation(config))
   ctor = lambda: jnn.MoE(
-      spec.d_model, spec.d_ff, spec.num_experts, config=moe,
-      shared_d_ff=spec.shared_d_ff, shared_gate=spec.shared_gate,
-      router_bias=spec.router_bias, dtype=dtype, param_dtype=param_dtype,
-      rngs=nnx.Rngs(0))
-  return _fill(ctor, _moe_entries(fam, spec, "", ()), sd)
+      layout.d_model, layout.d_ff, layout.num_experts, config=moe, dtype=dtype,
+      param_dtype=param_dtype, rngs=nnx.Rngs(0), **layout.options())
+  return _fill(ctor, _moe_entries(fam, layout, "", ()), sd)
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -882,34 +859,41 @@ def transformers_config_dict(model: jnn.MoETransformerLM, family_name) -> dict:
   and `capacity_factor` are not exported: transformers runs the model dropless.
   """
   fam = _lm_family(family_name)
-  s = _spec_from_model(model)
-  router = model.moe_blocks()[0].config.router
-  act = {v: k for k, v in _ACTIVATIONS.items() if k != "swish"}.get(s.activation)
+  if not any(model.config.layer_is_moe):
+    raise ValueError("jmoe.hf: the model has no MoE layer.")
+  s = _canonical(model.config)
+  a, router = s.attention, model.config.moe.router
+  act = {v: k for k, v in _ACTIVATIONS.items() if k != "swish"}.get(
+      s.moe.activation)
   if act is None:
-    raise ValueError(f"jmoe.hf: activation {s.activation!r} cannot be exported.")
-  if not fam.head_dim_field and s.head_dim != s.d_model // s.num_heads:
+    raise ValueError(
+        f"jmoe.hf: activation {s.moe.activation!r} cannot be exported.")
+  if not fam.head_dim_field and a.head_dim != s.d_model // a.num_heads:
     raise ValueError(
         f"jmoe.hf: {fam.model_type} needs head_dim = d_model // num_heads ="
-        f" {s.d_model // s.num_heads}; the model has {s.head_dim}.")
+        f" {s.d_model // a.num_heads}; the model has {a.head_dim}.")
   fields = dict(
       model_type=fam.model_type, vocab_size=s.vocab_size, hidden_size=s.d_model,
-      num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
-      num_key_value_heads=s.num_kv_heads, rms_norm_eps=s.norm_eps,
-      rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta},
+      num_hidden_layers=s.num_layers, num_attention_heads=a.num_heads,
+      num_key_value_heads=a.num_kv_heads, rms_norm_eps=s.norm_eps,
+      rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
       tie_word_embeddings=s.tie_embeddings, hidden_act=act,
       num_experts_per_tok=router.top_k)
   if fam.head_dim_field:
-    fields["head_dim"] = s.head_dim
+    fields["head_dim"] = a.head_dim
   fields.update(fam.export_fields(s, router))
   # The family must read these fields back into the very same model.
-  back = _spec_from_config(fam, fields)
-  diff = {f.name: (getattr(s, f.name), getattr(back, f.name))
-          for f in dataclasses.fields(_Spec)
-          if f.name != "dense_d_ff" and getattr(s, f.name) != getattr(back, f.name)}
-  if s.dense_d_ff is not None and s.dense_d_ff != back.dense_d_ff:
-    diff["dense_d_ff"] = (s.dense_d_ff, back.dense_d_ff)
-  if _comparable(router) != _comparable(fam.router(fields)):
-    diff["router"] = (router, fam.router(fields))
+  back = _canonical(_config_from_hf(fam, fields))
+  diff = {}
+  for f in dataclasses.fields(s):
+    mine, theirs = getattr(s, f.name), getattr(back, f.name)
+    if f.name == "attention":
+      diff.update({f"attention.{g.name}": (getattr(mine, g.name),
+                                           getattr(theirs, g.name))
+                   for g in dataclasses.fields(mine)
+                   if getattr(mine, g.name) != getattr(theirs, g.name)})
+    elif mine != theirs:
+      diff[f.name] = (mine, theirs)
   if diff:
     raise ValueError(
         f"jmoe.hf: {fam.model_type} cannot express this model; (jmoe, family)"
@@ -941,9 +925,9 @@ def to_transformers_state_dict(model: jnn.MoETransformerLM, family_name, *,
   """
   fam = _lm_family(family_name)
   transformers_config_dict(model, fam)  # raises if the family can't express it
-  spec = _spec_from_model(model)
-  sd = _export(model, _lm_entries(fam, spec), fam, layout, return_tensors)
-  if spec.tie_embeddings:  # tied: lm_head.weight is the embedding
+  sd = _export(model, _lm_entries(fam, model.config), fam, layout,
+               return_tensors)
+  if model.config.tie_embeddings:  # tied: lm_head.weight is the embedding
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
   return sd
 
@@ -954,15 +938,5 @@ def moe_block_to_transformers_state_dict(moe: jnn.MoE, family_name, *,
   """The state dict of one transformers MoE block from a `jmoe.nn.MoE`
   (keys relative to the block: "gate.weight", "experts.gate_up_proj", ...)."""
   fam = family(family_name)
-  p = moe.params()
-  spec = _Spec(
-      vocab_size=0, d_model=moe.d_model, num_layers=1, num_heads=1,
-      num_kv_heads=1, head_dim=2, moe_layers=(True,),
-      num_experts=moe.num_experts, d_ff=moe.d_ff, dense_d_ff=None,
-      shared_d_ff=0 if p.shared is None else p.shared.w_up.shape[1],
-      shared_gate=p.shared_gate is not None,
-      router_bias=p.router_bias is not None, qkv_bias=False, out_bias=False,
-      qk_norm=None, tie_embeddings=False, rope_theta=0.0, norm_eps=0.0,
-      activation=moe.config.activation)
-  return _export(moe, _moe_entries(fam, spec, "", ()), fam, layout,
+  return _export(moe, _moe_entries(fam, moe.layout, "", ()), fam, layout,
                  return_tensors)

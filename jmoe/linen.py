@@ -2,9 +2,10 @@
 
   y, aux = jmoe.linen.MoE(d_ff=..., num_experts=..., config=...)(x)
 
-Variables (names mirror `jmoe.MoEParams`; every initializer is wrapped with
-`nn.with_logical_partitioning`, so `nn.get_partition_spec(variables)` gives the
-logical axis names and `nn.logical_to_mesh_sharding` turns them into shardings):
+Variables (the rows of `jmoe.MOE_PARAMS`, named by their `jmoe.MoEParams` paths;
+every initializer is wrapped with `nn.with_logical_partitioning`, so
+`nn.get_partition_spec(variables)` gives the logical axis names and
+`nn.logical_to_mesh_sharding` turns them into shardings):
 
   params:
     router       [D, E]     ("embed", "expert")
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe._src import moe as moe_lib
+from jmoe._src import params as params_lib
 from jmoe.nn import fan_in_init
 
 Array = jax.Array
@@ -39,8 +41,22 @@ EXPERT_BIAS = "expert_bias"  # the collection of the non-trainable router bias
 ROUTER_RNG = "router"  # the rng stream used for router noise when no key is given
 
 
+def _create(module: nn.Module, spec: params_lib.ParamSpec, sizes, param_dtype,
+            kernel_init: Callable) -> Array:
+  """The variable of one table row in `module` (a param, or router state)."""
+  shape = spec.shape_of(sizes)
+  if not spec.trainable:
+    return module.variable(EXPERT_BIAS, spec.name,
+                           nn.with_logical_partitioning(jnp.zeros, spec.axes),
+                           shape, jnp.float32).value
+  init = jax.nn.initializers.zeros if spec.init == "zeros" else kernel_init
+  return module.param(spec.name, nn.with_logical_partitioning(init, spec.axes),
+                      shape, param_dtype)
+
+
 class _FFNWeights(nn.Module):
-  """The weights of a dense FFN of width `d_ff` as `jmoe.FFNParams`."""
+  """The weights of a dense FFN of width `d_ff` (`jmoe.FFN_PARAMS`) as
+  `jmoe.FFNParams`."""
 
   d_ff: int
   activation: str = "swiglu"
@@ -49,15 +65,11 @@ class _FFNWeights(nn.Module):
 
   @nn.compact
   def __call__(self, d_model: int) -> moe_lib.FFNParams:
-    p = lambda name, shape, names: self.param(
-        name, nn.with_logical_partitioning(self.kernel_init, names), shape,
-        self.param_dtype)
-    w_gate = (p("w_gate", (d_model, self.d_ff), ("embed", "mlp"))
-              if moe_lib.is_glu(self.activation) else None)
-    return moe_lib.FFNParams(
-        w_up=p("w_up", (d_model, self.d_ff), ("embed", "mlp")),
-        w_down=p("w_down", (self.d_ff, d_model), ("mlp", "embed")),
-        w_gate=w_gate)
+    flags = {"glu": moe_lib.is_glu(self.activation)}
+    sizes = {"D": d_model, "F": self.d_ff}
+    return moe_lib.FFNParams(**{
+        s.name: _create(self, s, sizes, self.param_dtype, self.kernel_init)
+        for s in params_lib.FFN_PARAMS if s.present(flags)})
 
 
 class MoE(nn.Module):
@@ -102,31 +114,26 @@ class MoE(nn.Module):
     """
     if x.ndim < 1:
       raise ValueError(f"jmoe.linen.MoE: `x` must be [..., d_model]; got {x.shape}.")
-    if self.shared_gate and not self.shared_d_ff:
-      raise ValueError(
-          "jmoe.linen.MoE: `shared_gate` needs a shared expert (shared_d_ff > 0).")
     cfg = self.config
-    e, d, f = self.num_experts, x.shape[-1], self.d_ff
-    p = lambda name, shape, names: self.param(
-        name, nn.with_logical_partitioning(self.kernel_init, names), shape,
-        self.param_dtype)
-    router = p("router", (d, e), ("embed", "expert"))
-    w_gate = (p("w_gate", (e, d, f), ("expert", "embed", "mlp"))
-              if moe_lib.is_glu(cfg.activation) else None)
-    w_up = p("w_up", (e, d, f), ("expert", "embed", "mlp"))
-    w_down = p("w_down", (e, f, d), ("expert", "mlp", "embed"))
-    shared = (_FFNWeights(self.shared_d_ff, cfg.activation, self.param_dtype,
-                          self.kernel_init, name="shared")(d)
-              if self.shared_d_ff else None)
-    shared_gate = p("shared_gate", (d, 1), ("embed", None)) if self.shared_gate \
-        else None
-    bias = (self.variable(EXPERT_BIAS, "router_bias",
-                          nn.with_logical_partitioning(jnp.zeros, ("expert",)),
-                          (e,), jnp.float32).value
-            if self.router_bias else None)
-    params = moe_lib.MoEParams(router=router, w_up=w_up, w_down=w_down,
-                               w_gate=w_gate, router_bias=bias, shared=shared,
-                               shared_gate=shared_gate)
+    try:
+      layout = params_lib.MoELayout(
+          d_model=x.shape[-1], d_ff=self.d_ff, num_experts=self.num_experts,
+          glu=moe_lib.is_glu(cfg.activation), shared_d_ff=self.shared_d_ff,
+          shared_gate=self.shared_gate, router_bias=self.router_bias)
+    except ValueError as err:
+      raise ValueError(f"jmoe.linen.MoE: {err}") from None
+    values = {}
+    for s in layout.rows():  # table order: the shared rows come as one FFN
+      if s.path.startswith("shared."):
+        if "shared.w_up" not in values:
+          ffn = _FFNWeights(layout.shared_d_ff, cfg.activation, self.param_dtype,
+                            self.kernel_init, name="shared")(layout.d_model)
+          values.update({f"shared.{k}": v for k, v in vars(ffn).items()
+                         if v is not None})
+      else:
+        values[s.path] = _create(self, s, layout.sizes, self.param_dtype,
+                                 self.kernel_init)
+    params = params_lib.params_from_flat(values)
     if key is None and self.has_rng(ROUTER_RNG):
       key = self.make_rng(ROUTER_RNG)
     if self.dtype is not None:
@@ -140,12 +147,11 @@ def moe_params(variables) -> moe_lib.MoEParams:
   """The `jmoe.MoEParams` of a `MoE`'s variables ({"params": ..., ["expert_bias":
   ...]}, boxed or not)."""
   variables = nn.meta.unbox(variables)
-  p = variables["params"]
-  s = p.get("shared")
-  bias = variables.get(EXPERT_BIAS, {}).get("router_bias")
-  return moe_lib.MoEParams(
-      router=p["router"], w_up=p["w_up"], w_down=p["w_down"],
-      w_gate=p.get("w_gate"), router_bias=bias,
-      shared=None if s is None else moe_lib.FFNParams(
-          w_up=s["w_up"], w_down=s["w_down"], w_gate=s.get("w_gate")),
-      shared_gate=p.get("shared_gate"))
+  values = {}
+  for s in params_lib.MOE_PARAMS:
+    value = variables["params"] if s.trainable else variables.get(EXPERT_BIAS, {})
+    for name in s.path.split("."):
+      value = value.get(name) if value is not None else None
+    if value is not None:
+      values[s.path] = value
+  return params_lib.params_from_flat(values)

@@ -72,6 +72,7 @@ from jax.sharding import PartitionSpec as P
 
 from jmoe._src import checks
 from jmoe._src import moe as moe_lib
+from jmoe._src import params as params_lib
 from jmoe._src import permute as permute_lib
 from jmoe._src import routing as routing_lib
 
@@ -192,15 +193,11 @@ class ExpertParallel:
     return NamedSharding(self.mesh, self.input_spec())
 
   def param_specs(self, params: MoEParams) -> MoEParams:
-    """PartitionSpecs of `params`: experts over `expert_axis`, the rest replicated."""
+    """PartitionSpecs of `params`: the experts' weights (group "experts" of
+    `jmoe.MOE_PARAMS`) over `expert_axis`, the rest replicated."""
     ex, rep = P(self.expert_axis), P()
-    opt = lambda a, spec: None if a is None else spec
-    return MoEParams(
-        router=rep, w_up=ex, w_down=ex, w_gate=opt(params.w_gate, ex),
-        router_bias=opt(params.router_bias, rep),
-        shared=None if params.shared is None else jax.tree.map(lambda _: rep,
-                                                               params.shared),
-        shared_gate=opt(params.shared_gate, rep))
+    return params_lib.map_params(
+        lambda spec, _: ex if spec.group == "experts" else rep, params)
 
   def params_sharding(self, params: MoEParams) -> MoEParams:
     """NamedShardings of `params` (for `jax.device_put` or jit's shardings)."""
@@ -258,12 +255,11 @@ class ExpertParallel:
     fn = "ExpertParallel.moe_ffn"
     config = MoEConfig() if config is None else config
     moe_lib.check_params(fn, x, params, config.activation)
-    config.router.validate(params.num_experts, fn)
-    if config.router.kind != "token_choice":
+    if not config.router.kind_impl.per_token:  # `route` validates the rest
       raise ValueError(
-          f"{fn}: expert-choice routing ranks every token of the batch for each"
-          " expert and is not supported under expert parallelism; use"
-          " RouterConfig(kind='token_choice').")
+          f"{fn}: {config.router.kind} routing (e.g. expert-choice) ranks every"
+          " token of the batch for each expert and is not supported under"
+          " expert parallelism; use RouterConfig(kind='token_choice').")
     n, e = self.num_expert_shards, params.num_experts
     if e % n:
       raise ValueError(
@@ -292,7 +288,7 @@ class ExpertParallel:
     body = lambda xt, params, key: _shard_body(self, config, t, e, xt, params, key)
     key_spec = None if key is None else P()
     stats_spec = DispatchStats(P(), P(), P())
-    aux_spec = MoEAux(*(P(),) * 6)
+    aux_spec = MoEAux.filled(P())
     # JAX's Pallas *interpreter* evaluates kernel bodies without honouring the
     # varying-axes types (jax 0.10-0.11), so the CPU-test backend runs unchecked;
     # every compiled backend keeps shard_map's check.
@@ -385,7 +381,7 @@ def _shard_body(ep: ExpertParallel, config: MoEConfig, num_tokens: int,
 
   if params.shared is not None:
     y = y + moe_lib.shared_output(xt, params, config.activation)
-  return y, _global_aux(routing, aux_plan, axes, num_experts), stats
+  return y, _global_aux(routing, aux_plan, axes), stats
 
 
 def _route_shard(xt: Array, params: MoEParams, config: MoEConfig, key,
@@ -418,8 +414,7 @@ def _global_capacity(experts: Array, num_experts: int, config: MoEConfig,
   loads = lax.psum(jnp.zeros((s, num_experts), jnp.int32).at[shard].set(
       plan.expert_load), axes)  # [S, E], shard order = token order
   before = jnp.take(jnp.cumsum(loads, axis=0) - loads, shard, axis=0)  # [E]
-  pos = plan.slot_row - jnp.take(plan.indptr, experts)  # position in the segment
-  keep = before[experts] + pos < cap
+  keep = before[experts] + plan.slot_pos < cap
   kept = jnp.where(keep, experts, -1)
   aux_plan = dataclasses.replace(
       plan, num_dropped=jnp.sum(~keep, dtype=jnp.int32))
@@ -427,15 +422,14 @@ def _global_capacity(experts: Array, num_experts: int, config: MoEConfig,
 
 
 def _global_aux(routing: routing_lib.Routing, plan: permute_lib.DispatchPlan,
-                axes, num_experts: int) -> MoEAux:
+                axes) -> MoEAux:
   """`moe_lib.make_aux` of the whole batch from every shard's (equal-size) part."""
   local = moe_lib.make_aux(routing, plan)
   counts = lax.psum(local.tokens_per_expert, axes)
-  slots = lax.psum(jnp.asarray(routing.experts.size, jnp.float32), axes)
-  f = counts.astype(jnp.float32) / slots  # share of all (token, slot) pairs
-  p = lax.pmean(jnp.mean(routing.probs.astype(jnp.float32), axis=0), axes)
+  slots = lax.psum(jnp.asarray(routing.num_slots, jnp.float32), axes)
+  p = lax.pmean(routing_lib.mean_router_probs(routing.probs), axes)
   return MoEAux(
-      balance_loss=num_experts * jnp.sum(f * p),
+      balance_loss=routing.balance_loss(counts, num_slots=slots, mean_probs=p),
       z_loss=lax.pmean(local.z_loss, axes),
       tokens_per_expert=counts,
       dropped_fraction=lax.pmean(local.dropped_fraction, axes),
@@ -503,7 +497,6 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
     sizes: int32 [E_l] rows per local expert.
     route: for `_a2a_return`.
   """
-  t, k = plan.slot_row.shape
   n = lax.axis_size(axis)
   num_experts = plan.group_sizes.shape[0]
   e_l = num_experts // n
@@ -514,14 +507,11 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
   dest = jnp.clip(experts, 0, num_experts - 1) // e_l
   pos = plan.slot_row - jnp.take(plan.indptr, dest * e_l)
   send_row = jnp.where((plan.slot_row < plan.num_rows) & (pos < block),
-                       dest * block + pos, nb).astype(jnp.int32)
-  row_slot = jnp.full((nb,), t * k, jnp.int32).at[send_row.reshape(-1)].set(
-      jnp.arange(t * k, dtype=jnp.int32), mode="drop", unique_indices=True)
-  row_token = jnp.where(row_slot < t * k, row_slot // k, t).astype(jnp.int32)
-  send_plan = dataclasses.replace(plan, row_token=row_token, row_slot=row_slot,
-                                  slot_row=send_row)
+                       dest * block + pos, nb)
+  send_plan = permute_lib.with_rows(plan, send_row, nb)
 
-  send = permute_lib.gather_rows(xt, row_token, send_row)  # [n * block, D]
+  send = permute_lib.gather_rows(xt, send_plan.row_token,
+                                 send_plan.slot_row)  # [n * block, D]
   recv = lax.all_to_all(send, axis, 0, 0, tiled=True)  # block s from source s
   recv_counts = lax.all_to_all(counts, axis, 0, 0, tiled=True)  # [n_src, E_l]
 
@@ -538,8 +528,7 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
   from_earlier = (jnp.cumsum(recv_counts, axis=0) - recv_counts)[s, ec]
   offset = p - (end - recv_counts)[s, ec]
   to_compact = jnp.where(valid, first + from_earlier + offset, nb).astype(jnp.int32)
-  from_compact = jnp.full((nb,), nb, jnp.int32).at[to_compact].set(
-      q, mode="drop", unique_indices=True)
+  from_compact = permute_lib.invert_index(to_compact, nb)
   rows = permute_lib.gather_rows(recv, from_compact, to_compact[:, None])
   return rows, sizes, _Route(send_plan, to_compact, from_compact)
 

@@ -19,6 +19,7 @@ from flax import nnx
 import jmoe
 import jmoe.hf
 import jmoe.nn as jnn
+from tests.utils import assert_rel
 
 try:
   import torch
@@ -204,9 +205,8 @@ def _block_parity(hf_block, moe, x, name):
   o_ref, o_got = np.argsort(ref_e, -1), np.argsort(got_e, -1)
   np.testing.assert_array_equal(np.take_along_axis(got_e, o_got, -1),
                                 np.take_along_axis(ref_e, o_ref, -1))
-  np.testing.assert_allclose(np.take_along_axis(got_w, o_got, -1),
-                             np.take_along_axis(ref_w, o_ref, -1),
-                             rtol=1e-5, atol=1e-6)
+  assert_rel(np.take_along_axis(got_w, o_got, -1),
+             np.take_along_axis(ref_w, o_ref, -1), what=f"{name} combine weights")
   return routing
 
 
@@ -309,6 +309,21 @@ def test_jmoe_native_model_loads_into_transformers():
     jmoe.hf.to_transformers_state_dict(lm, "mixtral")
   with pytest.raises(ValueError, match="unsupported model_type"):
     jmoe.hf.to_transformers_state_dict(lm, "llama")
+
+
+@requires_hf
+def test_config_round_trip_and_the_mixtral_preset(jmoe_models):
+  """An imported model's TransformerConfig is the one jmoe.hf reads back from the
+  exported fields; transformers' MixtralConfig() defaults are Mixtral-8x7B's, so
+  they read as the preset."""
+  lm = jmoe_models["qwen2_moe"]
+  fam = jmoe.hf.family("qwen2_moe")
+  back = jmoe.hf._config_from_hf(fam, jmoe.hf.transformers_config_dict(lm, fam))
+  assert jmoe.hf._canonical(back) == jmoe.hf._canonical(lm.config)
+  got = jmoe.hf._config_from_hf(jmoe.hf.family("mixtral"),
+                                transformers.MixtralConfig())
+  assert jmoe.hf._canonical(got) == jmoe.hf._canonical(
+      jnn.TransformerConfig.mixtral_8x7b())
 
 
 @requires_hf

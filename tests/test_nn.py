@@ -1,5 +1,7 @@
 """Tests of the Flax NNX modules (jmoe.nn): thin shells over the pure functions."""
 
+import dataclasses
+
 import flax.linen
 from flax import nnx
 import jax
@@ -342,8 +344,8 @@ def test_lm_training_step_reduces_loss_and_leaves_bias():
   # The bias moves only through the explicit update helper.
   lm.update_router_biases(aux.tokens_per_expert, rate=0.01)
   load = np.asarray(aux.tokens_per_expert[0], np.float64)
-  np.testing.assert_allclose(np.asarray(bias[...]) - bias_before,
-                             0.01 * np.sign(load.mean() - load), atol=1e-7)
+  assert_rel(np.asarray(bias[...]) - bias_before,
+             0.01 * np.sign(load.mean() - load), what="bias step")
 
 
 # ------------------------------------------------------------------------------
@@ -488,3 +490,118 @@ def test_sharding_a_module_lazily_and_eagerly():
     r = jnn.Router(D, E, use_bias=True, eager_sharding=True, rngs=nnx.Rngs(0))
   assert r.kernel[...].sharding.spec == P(None, "ep")
   assert r.bias[...].sharding.spec == P("ep")
+
+
+# ------------------------------------------------------------------------------
+# Model configs: one value for every layer of the model.
+# ------------------------------------------------------------------------------
+
+
+def _flat_state(m):
+  return [(p, np.asarray(v[...])) for p, v in nnx.to_flat_state(nnx.state(m))]
+
+
+def test_lm_from_config_equals_the_keyword_form():
+  attention = jnn.AttentionConfig(num_heads=H, num_kv_heads=KV, qk_norm="full",
+                                  qkv_bias=True)
+  config = jnn.TransformerConfig(vocab_size=V, d_model=D, num_layers=3, d_ff=F,
+                                 attention=attention, num_experts=E, first_dense=1,
+                                 shared_d_ff=F, norm_eps=1e-5)
+  made = jnn.TransformerConfig.make(V, D, 3, H, F, num_kv_heads=KV, qk_norm="full",
+                                    qkv_bias=True, num_experts=E, first_dense=1,
+                                    shared_d_ff=F, norm_eps=1e-5)
+  assert made == config and hash(made) == hash(config)
+  a = nnx.eval_shape(lambda: jnn.MoETransformerLM(config, rngs=nnx.Rngs(0)))
+  b = nnx.eval_shape(lambda: jnn.MoETransformerLM(
+      V, D, 3, H, F, num_kv_heads=KV, qk_norm="full", qkv_bias=True,
+      num_experts=E, first_dense=1, shared_d_ff=F, norm_eps=1e-5,
+      rngs=nnx.Rngs(0)))
+  assert a.config == b.config == config
+  assert a.moe_layers == (False, True, True) and a.vocab_size == V
+  sa = nnx.to_flat_state(nnx.state(a))
+  sb = nnx.to_flat_state(nnx.state(b))
+  assert [(p, v.shape) for p, v in sa] == [(p, v.shape) for p, v in sb]
+  # One epsilon for every RMSNorm unless the attention sets its own.
+  attn = a.blocks[0].attn
+  assert attn.norm_eps == 1e-5 and a.final_norm.epsilon == 1e-5
+  assert attn.head_dim == D // H and attn.num_kv_heads == KV
+  own = config.replace(norm_eps=1e-6, attention=dataclasses.replace(
+      attention, norm_eps=1e-3))
+  assert own.attention_config.norm_eps == 1e-3
+  # `replace` and the LM's keywords reach the attention's fields too.
+  assert config.replace(num_kv_heads=1).attention.num_kv_heads == 1
+  c = nnx.eval_shape(lambda: jnn.MoETransformerLM(config, num_kv_heads=1,
+                                                  rngs=nnx.Rngs(0)))
+  assert c.blocks[0].attn.k_proj.shape == (D, 1, D // H)
+
+
+def test_same_values_through_every_constructor():
+  config = jnn.TransformerConfig.make(V, D, 2, H, F, num_experts=E, router_bias=True,
+                                      moe_layers=(True, False), rope_theta=500.0)
+  a = jnn.MoETransformerLM(config, rngs=nnx.Rngs(3))
+  b = jnn.MoETransformerLM(V, D, 2, H, F, num_experts=E, router_bias=True,
+                           moe_layers=[True, False], rope_theta=500.0,
+                           rngs=nnx.Rngs(3))
+  for (pa, va), (pb, vb) in zip(_flat_state(a), _flat_state(b)):
+    assert pa == pb
+    np.testing.assert_array_equal(va, vb)
+  attn = jnn.Attention(D, jnn.AttentionConfig(num_heads=H, num_kv_heads=KV),
+                       rngs=nnx.Rngs(4))
+  attn2 = jnn.Attention(D, H, num_kv_heads=KV, rngs=nnx.Rngs(4))
+  assert attn.config == attn2.config
+  for (pa, va), (pb, vb) in zip(_flat_state(attn), _flat_state(attn2)):
+    assert pa == pb
+    np.testing.assert_array_equal(va, vb)
+
+
+def test_config_errors_name_the_new_call():
+  with pytest.raises(TypeError, match=r"TransformerBlock takes the model's"
+                     r" TransformerConfig"):
+    jnn.TransformerBlock(D, H, F, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="TransformerConfig"):
+    jnn.TransformerBlock(jnn.TransformerConfig.make(V, D, 1, H, F), 0,
+                         rope_theta=1.0, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="TransformerConfig"):
+    jnn.MoETransformerLM("mixtral", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="multiple of `num_kv_heads`"):
+    jnn.AttentionConfig(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="pass `head_dim`"):
+    jnn.TransformerConfig.make(V, 18, 1, 4, F)
+  with pytest.raises(ValueError, match="shared_gate"):
+    jnn.TransformerConfig.make(V, D, 1, H, F, shared_gate=True)
+  with pytest.raises(ValueError, match="not both"):
+    jnn.TransformerConfig.make(V, D, 2, H, F, moe_layers=(True, True),
+                               first_dense=1)
+
+
+@pytest.mark.parametrize("preset,total,active", [
+    # Published totals (model cards): Mixtral 46.7B / 12.9B, Qwen3-30B-A3B
+    # 30.5B / 3.3B, OLMoE-1B-7B 6.9B / 1.3B.
+    ("mixtral_8x7b", 46.7e9, 12.9e9),
+    ("qwen3_30b_a3b", 30.5e9, 3.3e9),
+    ("olmoe_1b_7b", 6.9e9, 1.3e9),
+])
+def test_presets_have_the_published_sizes(preset, total, active):
+  config = getattr(jnn.TransformerConfig, preset)()
+  lm = nnx.eval_shape(lambda: jnn.MoETransformerLM(config, rngs=nnx.Rngs(0)))
+  n_total = n_active = 0
+  experts = {s.name for s in jmoe.MOE_PARAMS if s.group == "experts"}
+  for path, var in nnx.to_flat_state(nnx.state(lm, nnx.Param)):
+    n = int(np.prod(var.shape))
+    n_total += n
+    per_expert = str(path[-1]) in experts and "mlp" in map(str, path) and (
+        len(var.shape) == 3)
+    n_active += n * config.moe.top_k / config.num_experts if per_expert else n
+  assert abs(n_total / total - 1) < 0.01, n_total
+  assert abs(n_active / active - 1) < 0.05, n_active
+
+
+def test_sizes_as_keywords_still_work():
+  a = nnx.eval_shape(lambda: jnn.MoETransformerLM(
+      vocab_size=V, d_model=D, num_layers=2, num_heads=H, d_ff=F, num_experts=E,
+      num_kv_heads=KV, rngs=nnx.Rngs(0)))
+  assert a.config == jnn.TransformerConfig.make(V, D, 2, H, F, num_experts=E,
+                                                num_kv_heads=KV)
+  attn = nnx.eval_shape(lambda: jnn.Attention(d_model=D, num_heads=H,
+                                              num_kv_heads=KV, rngs=nnx.Rngs(0)))
+  assert attn.config == jnn.AttentionConfig(num_heads=H, num_kv_heads=KV).resolve(D)

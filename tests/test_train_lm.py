@@ -82,6 +82,7 @@ def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path):
   assert r["flops_per_token"] > 6 * r["params_active"]
   share = np.array([h["expert_share"] for h in run.history if "expert_share" in h])
   assert share.shape[1:] == (CFG.num_layers, CFG.num_experts)
+  # Not a dtype tolerance: train_lm logs each share rounded to 5 decimals.
   np.testing.assert_allclose(share.sum(-1), 1.0, atol=1e-4)
   for name in ("loss.png", "experts.png", "results.json", "metrics.jsonl"):
     assert (tmp_path / name).stat().st_size > 0, name
@@ -143,7 +144,7 @@ def test_gpu_kernel_failure_falls_back_to_xla(tmp_path, monkeypatch):
   # On a GPU, jmoe's default grouped matmul is the Pallas-Triton kernel. If it fails
   # to compile or run, the run falls back to XLA's ragged_dot and says so. Here the
   # non-interpreted Pallas kernel cannot lower on CPU: the same failure path.
-  monkeypatch.setattr(train_lm.gmm_api, "default_implementation", lambda: "pallas")
+  monkeypatch.setattr(train_lm.jmoe, "default_gmm_implementation", lambda: "pallas")
   cfg = dataclasses.replace(CFG, steps=2, log_every=1, eval_every=0, ckpt_every=-1)
   run = train_lm.train(cfg, str(tmp_path), progress=False, plots=False,
                        measure_matmul=False)
@@ -160,3 +161,12 @@ def test_gmm_check_compares_kernels_at_the_run_shapes():
   assert max(errors.values()) < 5e-2, errors
   with pytest.raises(FloatingPointError, match="disagrees"):
     train_lm.check_gmm(cfg, "pallas_interpret", tol=-1.0)
+
+
+def test_examples_use_only_the_public_api():
+  examples = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "examples")
+  for name in sorted(os.listdir(examples)):
+    if name.endswith(".py"):
+      with open(os.path.join(examples, name)) as f:
+        assert "_src" not in f.read(), f"examples/{name} imports jmoe._src"

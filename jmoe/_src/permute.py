@@ -9,6 +9,9 @@ expert's load (`group_sizes`), and the exclusive prefix sum of the loads is the 
 Both directions are gathers, forward and backward (custom VJPs), so nothing
 scatter-adds floats: the result is bitwise deterministic on every backend.
 
+jmoe.parallel lays the same plan out again for its exchanges with what this module
+exports: `DispatchPlan.slot_pos`, `invert_index`, `with_rows` and `gather_rows`.
+
 Shapes: T tokens, k slots per token, E experts, R buffer rows, D features.
 """
 
@@ -20,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from jmoe._src import checks
-from jmoe._src.routing import ExpertChoiceRouting, Routing
 
 Array = jax.Array
 
@@ -37,6 +39,9 @@ class DispatchPlan:
     slot_row: int32 [T, k], the buffer row of each (token, slot); R marks a pair
       that was dropped (over capacity) or had an expert id outside [0, E).
       None for expert choice.
+    slot_pos: int32 [T, k], each pair's position in its expert's segment in token
+      order, counted before capacity (the pair is kept iff slot_pos < C); -1 for
+      ids outside [0, E). None for expert choice.
     group_sizes: int32 [E], rows each expert holds in the buffer (after capacity).
     indptr: int32 [E + 1], CSR offsets: expert e owns rows indptr[e]:indptr[e+1].
     expert_load: int32 [E], (token, slot) pairs that chose each expert, before
@@ -52,6 +57,7 @@ class DispatchPlan:
   indptr: Array
   expert_load: Array
   num_dropped: Array
+  slot_pos: Array | None = None
   num_tokens: int = dataclasses.field(metadata=dict(static=True), default=0)
 
   @property
@@ -109,15 +115,58 @@ def dispatch_plan(experts: Array, num_experts: int, *,
   indptr = jnp.concatenate(
       [jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])
   start = jnp.take(indptr, jnp.clip(flat, 0, num_experts - 1))
-  slot_row = jnp.where(keep, start + pos, rows).astype(jnp.int32)
-  row_slot = jnp.full((rows,), n, jnp.int32).at[slot_row].set(
-      jnp.arange(n, dtype=jnp.int32), mode="drop", unique_indices=True)
-  row_token = jnp.where(row_slot < n, row_slot // k, t).astype(jnp.int32)
+  slot_row = jnp.where(keep, start + pos, rows).astype(jnp.int32).reshape(t, k)
+  row_slot, row_token = _buffer_rows_of(slot_row, rows)
   num_dropped = jnp.sum(valid & ~keep, dtype=jnp.int32)
   return DispatchPlan(
-      row_token=row_token, row_slot=row_slot, slot_row=slot_row.reshape(t, k),
+      row_token=row_token, row_slot=row_slot, slot_row=slot_row,
       group_sizes=group_sizes.astype(jnp.int32), indptr=indptr,
-      expert_load=load.astype(jnp.int32), num_dropped=num_dropped, num_tokens=t)
+      expert_load=load.astype(jnp.int32), num_dropped=num_dropped,
+      slot_pos=pos.astype(jnp.int32).reshape(t, k), num_tokens=t)
+
+
+def invert_index(index: Array, size: int, fill: int | None = None) -> Array:
+  """The inverse of an injective index map: out[index[i]] = i.
+
+  Args:
+    index: int [n], distinct targets; targets outside [0, size) are dropped
+      (the sentinels of a plan).
+    size: the length of the result.
+    fill: the value where no i maps (default n).
+
+  Returns:
+    int32 [size].
+  """
+  n = index.shape[0]
+  fill = n if fill is None else fill
+  return jnp.full((size,), fill, jnp.int32).at[index].set(
+      jnp.arange(n, dtype=jnp.int32), mode="drop", unique_indices=True)
+
+
+def _buffer_rows_of(slot_row: Array, num_rows: int) -> tuple[Array, Array]:
+  """(row_slot, row_token) [num_rows] of the pairs' rows slot_row [T, k]."""
+  t, k = slot_row.shape
+  row_slot = invert_index(slot_row.reshape(t * k), num_rows)
+  row_token = jnp.where(row_slot < t * k, row_slot // k, t).astype(jnp.int32)
+  return row_slot, row_token
+
+
+def with_rows(plan: DispatchPlan, slot_row: Array, num_rows: int) -> DispatchPlan:
+  """The plan's pairs laid out at other buffer rows (token choice).
+
+  Args:
+    plan: a token-choice `DispatchPlan`.
+    slot_row: int [T, k], the new row of each (token, slot); num_rows marks a pair
+      that is not placed.
+    num_rows: the rows of the new buffer.
+
+  Returns:
+    `plan` with `slot_row`, `row_slot` and `row_token` of the new layout (its
+    counts unchanged): e.g. jmoe.parallel's send buffer of per-device blocks.
+  """
+  row_slot, row_token = _buffer_rows_of(slot_row.astype(jnp.int32), num_rows)
+  return dataclasses.replace(plan, row_token=row_token, row_slot=row_slot,
+                             slot_row=slot_row.astype(jnp.int32))
 
 
 def expert_choice_plan(tokens: Array, num_tokens: int) -> DispatchPlan:
@@ -208,11 +257,13 @@ def permute(
 
   Args:
     x: [T, D] token activations.
-    routing: a `Routing` (token choice), an `ExpertChoiceRouting`, or an int
-      [T, k] array of expert ids (then `num_experts` is required).
+    routing: a `Routing` (token choice), an `ExpertChoiceRouting` (anything with
+      `plan(capacity)` and `num_tokens`), or an int [T, k] array of expert ids
+      (then `num_experts` is required).
     num_experts: E, when `routing` is a bare array.
     capacity: token choice only: None for dropless, else the per-expert row limit
-      (see `dispatch_plan`; `expert_capacity` computes the usual one).
+      (see `dispatch_plan`; `expert_capacity` computes the usual one). Expert
+      choice ignores it: its routing already holds C tokens per expert.
 
   Returns:
     rows: [R, D], x's rows in expert order (zeros in unused rows), ready for
@@ -221,21 +272,19 @@ def permute(
   """
   fn = "permute"
   checks.check_rank(fn, "x", x, 2, "[tokens, d_model]")
-  if isinstance(routing, ExpertChoiceRouting):
-    plan = expert_choice_plan(routing.tokens, x.shape[0])
-    checks.check_dim(fn, "routing.probs", routing.probs.shape[0], x.shape[0],
-                     "tokens (dim 0) must match x")
-    return _take_rows(x, plan.row_token), plan
-  if isinstance(routing, Routing):
-    experts, num_experts = routing.experts, routing.num_experts
+  if hasattr(routing, "plan"):  # a routing decision knows its own plan
+    checks.check_dim(fn, "routing", routing.num_tokens, x.shape[0],
+                     "tokens must match x [tokens, d_model]")
+    plan = routing.plan(capacity)
   else:
-    experts = routing
     if num_experts is None:
       raise ValueError(f"{fn}: pass `num_experts` with a bare expert-id array.")
-  checks.check_rank(fn, "experts", experts, 2, "[tokens, k]")
-  checks.check_dim(fn, "experts", experts.shape[0], x.shape[0],
-                   "tokens (dim 0) must match x [tokens, d_model]")
-  plan = dispatch_plan(experts, num_experts, capacity=capacity)
+    checks.check_rank(fn, "experts", routing, 2, "[tokens, k]")
+    checks.check_dim(fn, "experts", routing.shape[0], x.shape[0],
+                     "tokens (dim 0) must match x [tokens, d_model]")
+    plan = dispatch_plan(routing, num_experts, capacity=capacity)
+  if plan.slot_row is None:  # rows name tokens (expert choice): a plain gather
+    return _take_rows(x, plan.row_token), plan
   return gather_rows(x, plan.row_token, plan.slot_row), plan
 
 

@@ -2,6 +2,14 @@
 
 All router math runs in float32 whatever dtype the logits arrive in.
 
+Routing kinds (token choice, expert choice) differ behind one small interface, so
+nothing downstream branches on the kind:
+  * before routing, `RoutingKind` (`RouterConfig.kind_impl`): its checks, its static
+    capacity, whether it takes a selection bias or works on a shard of the batch
+    (`per_token`), and its selection rule;
+  * after routing, the result (`Routing` or `ExpertChoiceRouting`): `num_tokens`,
+    `num_slots`, `plan(capacity)` (its dispatch plan) and `balance_loss(load)`.
+
 Shapes: T tokens, E experts, k experts per token, C tokens per expert (expert choice).
 """
 
@@ -15,12 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from jmoe._src import checks
+from jmoe._src import permute as permute_lib
 
 Array = jax.Array
 
 SCORES = ("softmax", "sigmoid")
 ORDERS = ("softmax_topk", "topk_softmax")
-KINDS = ("token_choice", "expert_choice")
 GROUP_SCORES = ("max", "top2_sum")
 
 
@@ -86,16 +94,26 @@ class RouterConfig:
           f"{fn}: `jitter_eps` and `noise_std` must be >= 0; got"
           f" {self.jitter_eps}, {self.noise_std}."
       )
-    if self.kind == "expert_choice" and self.num_groups != 1:
-      raise ValueError(f"{fn}: grouped routing needs kind='token_choice'.")
+    self.kind_impl.check(self, fn)
+
+  @property
+  def kind_impl(self) -> RoutingKind:
+    """The `RoutingKind` named by `kind`."""
+    return ROUTING_KINDS[self.kind]
+
+  def capacity(self, num_tokens: int, num_experts: int,
+               capacity_factor: float | None = None) -> int | None:
+    """The static per-expert capacity of a batch, or None for dropless.
+
+    Token choice: None without a capacity factor, else `expert_capacity`. Expert
+    choice always has one: the factor defaults to 1.0 (each expert takes
+    T * top_k / E tokens).
+    """
+    return self.kind_impl.capacity(self, num_tokens, num_experts, capacity_factor)
 
   def validate(self, num_experts: int, fn: str = "route") -> None:
     """Checks the config against the number of experts."""
-    if self.kind == "token_choice" and self.top_k > num_experts:
-      raise ValueError(
-          f"{fn}: `top_k`={self.top_k} must be <= the number of experts"
-          f" ({num_experts})."
-      )
+    self.kind_impl.validate(self, num_experts, fn)
     if num_experts % self.num_groups:
       raise ValueError(
           f"{fn}: the number of experts ({num_experts}) must be divisible by"
@@ -138,6 +156,30 @@ class Routing:
   def num_experts(self) -> int:
     return self.probs.shape[-1]
 
+  @property
+  def num_tokens(self) -> int:
+    return self.probs.shape[0]
+
+  @property
+  def num_slots(self) -> int:
+    """T * k: the (token, slot) pairs routed."""
+    return self.experts.size
+
+  def plan(self, capacity: int | None = None) -> permute_lib.DispatchPlan:
+    """The dispatch plan (`jmoe.dispatch_plan`): dropless, or `capacity` rows per
+    expert."""
+    return permute_lib.dispatch_plan(self.experts, self.num_experts,
+                                     capacity=capacity)
+
+  def balance_loss(self, expert_load: Array, *, num_slots=None,
+                   mean_probs: Array | None = None) -> Array:
+    """The Switch/GShard loss from the pairs per expert [E] (a plan's
+    `expert_load`). `num_slots` and `mean_probs` [E] default to this routing's;
+    jmoe.parallel passes the whole batch's."""
+    return switch_loss(
+        expert_load, self.num_slots if num_slots is None else num_slots,
+        mean_router_probs(self.probs) if mean_probs is None else mean_probs)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +201,26 @@ class ExpertChoiceRouting:
   @property
   def num_experts(self) -> int:
     return self.probs.shape[-1]
+
+  @property
+  def num_tokens(self) -> int:
+    return self.probs.shape[0]
+
+  @property
+  def num_slots(self) -> int:
+    """E * C: the (expert, pick) pairs routed."""
+    return self.tokens.size
+
+  def plan(self, capacity: int | None = None) -> permute_lib.DispatchPlan:
+    """The dispatch plan: expert e owns rows e*C:(e+1)*C. `capacity` is unused
+    (the routing already holds C tokens per expert)."""
+    del capacity
+    return permute_lib.expert_choice_plan(self.tokens, self.num_tokens)
+
+  def balance_loss(self, expert_load: Array, **unused) -> Array:
+    """Zero: every expert takes exactly C tokens, balanced by construction."""
+    del expert_load, unused
+    return jnp.zeros((), jnp.float32)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
@@ -234,8 +296,9 @@ def route(
       `update_expert_bias`). Selection scores are the probabilities (softmax_topk),
       the logits (topk_softmax) or the sigmoid scores. No gradient flows into it.
     key: PRNG key enabling the config's jitter / noise (training only).
-    capacity: expert choice only: tokens per expert (default: the capacity of
-      `expert_capacity(T, E, top_k, 1.0)`).
+    capacity: expert choice: tokens per expert (default
+      `config.capacity(T, E)`, i.e. `expert_capacity(T, E, top_k, 1.0)`). Token
+      choice ignores it (capacity is applied by the dispatch plan).
 
   Returns:
     `Routing` for token choice, `ExpertChoiceRouting` for expert choice.
@@ -254,29 +317,132 @@ def route(
   checks.check_floating(fn, "logits", logits)
   num_tokens, num_experts = logits.shape
   config.validate(num_experts, fn)
+  kind = config.kind_impl
   if bias is not None:
     if jnp.shape(bias) != (num_experts,):
       raise ValueError(
           f"{fn}: `bias` must have shape [experts]=({num_experts},); got"
           f" {jnp.shape(bias)}."
       )
-    if config.kind == "expert_choice":
-      raise ValueError(f"{fn}: `bias` is for token-choice routing only.")
+    if not kind.supports_bias:
+      raise ValueError(
+          f"{fn}: `bias` is for token-choice routing only; got"
+          f" kind={config.kind!r}.")
     bias = jax.lax.stop_gradient(jnp.asarray(bias, jnp.float32))
 
   logits = apply_noise(logits, config, key)
-  bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)  # [T]
-
   if config.score == "softmax":
     probs = jax.nn.softmax(logits, axis=-1)
     scores = probs
   else:
     scores = jax.nn.sigmoid(logits)
     probs = scores / jnp.maximum(scores.sum(-1, keepdims=True), 1e-20)
+  if capacity is None:
+    capacity = config.capacity(num_tokens, num_experts)
+  return kind.select(logits, scores, probs, config, bias=bias, capacity=capacity,
+                     fn=fn)
 
-  if config.kind == "expert_choice":
-    if capacity is None:
-      capacity = expert_capacity(num_tokens, num_experts, config.top_k, 1.0)
+
+def nonfinite_tokens(logits: Array) -> Array:
+  """bool [T]: tokens whose logits hold NaN or +inf (-inf is a legal mask)."""
+  return jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Routing kinds.
+
+
+class RoutingKind:
+  """What one routing kind decides; `RouterConfig.kind_impl` names the instance.
+
+  Attributes:
+    name: the `RouterConfig.kind` value.
+    per_token: a token's routing depends on its own logits only, so each shard
+      of a batch routes as the whole batch would (what jmoe.parallel needs).
+    supports_bias: takes a selection bias (`route(..., bias=)`).
+  """
+
+  name: str
+  per_token: bool
+  supports_bias: bool
+
+  def check(self, config: RouterConfig, fn: str) -> None:
+    """Checks of the config alone (run by `RouterConfig.__post_init__`)."""
+
+  def validate(self, config: RouterConfig, num_experts: int, fn: str) -> None:
+    """Checks of the config against the number of experts."""
+
+  def capacity(self, config: RouterConfig, num_tokens: int, num_experts: int,
+               capacity_factor: float | None) -> int | None:
+    """The static per-expert capacity (None: dropless)."""
+    raise NotImplementedError
+
+  def select(self, logits: Array, scores: Array, probs: Array,
+             config: RouterConfig, *, bias: Array | None, capacity: int | None,
+             fn: str):
+    """The routing decisions from float32 logits, scores and probs [T, E]."""
+    raise NotImplementedError
+
+
+class TokenChoice(RoutingKind):
+  """Each token picks its top-k experts (optionally within its best groups)."""
+
+  name = "token_choice"
+  per_token = True
+  supports_bias = True
+
+  def validate(self, config, num_experts, fn):
+    if config.top_k > num_experts:
+      raise ValueError(
+          f"{fn}: `top_k`={config.top_k} must be <= the number of experts"
+          f" ({num_experts})."
+      )
+
+  def capacity(self, config, num_tokens, num_experts, capacity_factor):
+    if capacity_factor is None:
+      return None
+    return expert_capacity(num_tokens, num_experts, config.top_k, capacity_factor)
+
+  def select(self, logits, scores, probs, config, *, bias, capacity, fn):
+    del capacity, fn  # the dispatch plan applies token choice's capacity
+    topk_softmax = config.score == "softmax" and config.order == "topk_softmax"
+    selection = logits if topk_softmax else scores
+    if bias is not None:
+      selection = selection + bias
+    if config.num_groups > 1:
+      selection = _group_mask(selection, config)
+    _, experts = jax.lax.top_k(selection, config.top_k)  # [T, k]
+    experts = experts.astype(jnp.int32)
+    if topk_softmax:
+      weights = jax.nn.softmax(jnp.take_along_axis(logits, experts, -1), axis=-1)
+    else:
+      weights = jnp.take_along_axis(scores, experts, axis=-1)
+      if config.normalize:
+        weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-20)
+    weights = weights * config.routed_scaling_factor
+    weights = jnp.where(nonfinite_tokens(logits)[:, None], jnp.nan, weights)
+    return Routing(experts=experts, weights=weights, probs=probs, logits=logits)
+
+
+class ExpertChoice(RoutingKind):
+  """Each expert picks its top-C tokens (Zhou et al. 2022): balanced by design,
+  but a token's routing depends on the whole batch."""
+
+  name = "expert_choice"
+  per_token = False
+  supports_bias = False
+
+  def check(self, config, fn):
+    if config.num_groups != 1:
+      raise ValueError(f"{fn}: grouped routing needs kind='token_choice'.")
+
+  def capacity(self, config, num_tokens, num_experts, capacity_factor):
+    cf = 1.0 if capacity_factor is None else capacity_factor
+    return expert_capacity(num_tokens, num_experts, config.top_k, cf)
+
+  def select(self, logits, scores, probs, config, *, bias, capacity, fn):
+    del bias
+    num_tokens = logits.shape[0]
     if not 1 <= capacity <= num_tokens:
       raise ValueError(
           f"{fn}: expert-choice `capacity` must be in [1, tokens={num_tokens}];"
@@ -286,27 +452,14 @@ def route(
     tokens = jnp.sort(tokens, axis=-1).astype(jnp.int32)
     weights = jnp.take_along_axis(scores.T, tokens, axis=-1)
     weights = weights * config.routed_scaling_factor
-    weights = jnp.where(bad[tokens], jnp.nan, weights)
+    weights = jnp.where(nonfinite_tokens(logits)[tokens], jnp.nan, weights)
     return ExpertChoiceRouting(tokens=tokens, weights=weights, probs=probs,
                                logits=logits)
 
-  topk_softmax = config.score == "softmax" and config.order == "topk_softmax"
-  selection = logits if topk_softmax else scores
-  if bias is not None:
-    selection = selection + bias
-  if config.num_groups > 1:
-    selection = _group_mask(selection, config)
-  _, experts = jax.lax.top_k(selection, config.top_k)  # [T, k]
-  experts = experts.astype(jnp.int32)
-  if topk_softmax:
-    weights = jax.nn.softmax(jnp.take_along_axis(logits, experts, -1), axis=-1)
-  else:
-    weights = jnp.take_along_axis(scores, experts, axis=-1)
-    if config.normalize:
-      weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-20)
-  weights = weights * config.routed_scaling_factor
-  weights = jnp.where(bad[:, None], jnp.nan, weights)
-  return Routing(experts=experts, weights=weights, probs=probs, logits=logits)
+
+ROUTING_KINDS: dict[str, RoutingKind] = {
+    k.name: k for k in (TokenChoice(), ExpertChoice())}
+KINDS = tuple(ROUTING_KINDS)
 
 
 def expert_load(experts: Array, num_experts: int) -> Array:
@@ -344,9 +497,19 @@ def load_balancing_loss(probs: Array, experts: Array) -> Array:
 def balance_loss_from_counts(probs: Array, counts: Array, num_slots: int) -> Array:
   """`load_balancing_loss` from precomputed per-expert counts (e.g. a dispatch
   plan's `expert_load`), so the layer does not count twice."""
-  f = jax.lax.stop_gradient(counts.astype(jnp.float32)) / max(num_slots, 1)
-  p = probs.astype(jnp.float32).mean(axis=0)
-  return probs.shape[-1] * jnp.sum(f * p)
+  return switch_loss(counts, num_slots, mean_router_probs(probs))
+
+
+def mean_router_probs(probs: Array) -> Array:
+  """float32 [E]: P_e, the mean router probability of each expert over tokens."""
+  return probs.astype(jnp.float32).mean(axis=0)
+
+
+def switch_loss(counts: Array, num_slots, mean_probs: Array) -> Array:
+  """E * sum_e f_e * P_e with f = counts / num_slots (no gradient) and P the mean
+  router probabilities [E]: the formula of `load_balancing_loss`, in one place."""
+  f = jax.lax.stop_gradient(counts.astype(jnp.float32)) / jnp.maximum(num_slots, 1)
+  return mean_probs.shape[-1] * jnp.sum(f * mean_probs)
 
 
 def router_z_loss(logits: Array) -> Array:

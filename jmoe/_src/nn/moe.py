@@ -1,0 +1,249 @@
+"""The MoE layer's NNX modules: `Router`, `FeedForward` and `MoE`, thin shells over
+`jmoe.route`, `jmoe.ffn` and `jmoe.moe_ffn`.
+
+Their variables are the rows of `jmoe.MOE_PARAMS` (and `jmoe.FFN_PARAMS`), created
+from the table in its order; `params()` reads them back as `jmoe.MoEParams`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from jmoe._src import checks
+from jmoe._src import moe as moe_lib
+from jmoe._src import params as params_lib
+from jmoe._src import routing as routing_lib
+from jmoe._src.nn.variables import ExpertBias, Initializer, check_features
+from jmoe._src.nn.variables import fan_in_init, table_variable, value_or_none
+
+Array = jax.Array
+
+
+def _update_bias(fn: str, bias: ExpertBias | None, tokens_per_expert: Array,
+                 rate: float) -> None:
+  if bias is None:
+    raise ValueError(f"{fn}: this module has no router bias (router_bias=False).")
+  bias[...] = routing_lib.update_expert_bias(bias[...], tokens_per_expert,
+                                             rate=rate)
+
+
+class Router(nnx.Module):
+  """A router: logits = x @ kernel (float32), then `jmoe.route`.
+
+  Variables (rows "router" and "router_bias" of `jmoe.MOE_PARAMS`): `kernel`
+  [d_model, E] ("embed", "expert"); `bias` [E] ("expert",), an `ExpertBias` (not
+  a Param) when `use_bias`, else None.
+  """
+
+  def __init__(self, d_model: int, num_experts: int, *,
+               config: routing_lib.RouterConfig = routing_lib.RouterConfig(),
+               use_bias: bool = False, param_dtype=jnp.float32,
+               kernel_init: Initializer = fan_in_init,
+               eager_sharding: bool = False, rngs: nnx.Rngs):
+    config.validate(num_experts, "Router")
+    self.d_model = d_model
+    self.num_experts = num_experts
+    self.config = config
+    mk = lambda path: table_variable(
+        params_lib.PARAMS_BY_PATH[path], {"D": d_model, "E": num_experts},
+        rngs=rngs, param_dtype=param_dtype, kernel_init=kernel_init,
+        eager_sharding=eager_sharding)
+    self.kernel = mk("router")
+    self.bias = mk("router_bias") if use_bias else None
+
+  def logits(self, x: Array) -> Array:
+    """float32 [T, E] router logits of x [..., D] (leading dims flattened)."""
+    check_features("Router", x, self.d_model)
+    return moe_lib.router_logits(x.reshape(-1, self.d_model), self.kernel[...])
+
+  def __call__(self, x: Array, *, key: Array | None = None,
+               capacity: int | None = None):
+    """Routes x [..., D]; leading dims are flattened into T tokens.
+
+    Args:
+      x: [..., d_model] activations.
+      key: PRNG key enabling the config's jitter / noise (training only).
+      capacity: expert choice only: tokens per expert (see `jmoe.route`).
+
+    Returns:
+      `jmoe.Routing` (or `jmoe.ExpertChoiceRouting`) over the T flat tokens.
+    """
+    return routing_lib.route(self.logits(x), self.config,
+                             bias=value_or_none(self.bias), key=key,
+                             capacity=capacity)
+
+  def update_bias(self, tokens_per_expert: Array, *, rate: float = 1e-3) -> None:
+    """One `jmoe.update_expert_bias` step of `bias` from the observed load [E]."""
+    _update_bias("Router.update_bias", self.bias, tokens_per_expert, rate)
+
+
+class FeedForward(nnx.Module):
+  """A dense FFN, `jmoe.ffn`. Returns y only.
+
+  Params (the rows of `jmoe.FFN_PARAMS`, mirroring `jmoe.FFNParams`): `w_gate`
+  [D, F] ("embed", "mlp") for GLU activations else None, `w_up` [D, F] ("embed",
+  "mlp"), `w_down` [F, D] ("mlp", "embed").
+  """
+
+  def __init__(self, d_model: int, d_ff: int, *, activation: str = "swiglu",
+               dtype=None, param_dtype=jnp.float32,
+               kernel_init: Initializer = fan_in_init,
+               eager_sharding: bool = False, rngs: nnx.Rngs):
+    checks.check_choice("FeedForward", "activation", activation,
+                        moe_lib.ACTIVATIONS)
+    self.d_model = d_model
+    self.d_ff = d_ff
+    self.activation = activation
+    self.dtype = dtype
+    flags, sizes = {"glu": moe_lib.is_glu(activation)}, {"D": d_model, "F": d_ff}
+    for s in params_lib.FFN_PARAMS:
+      setattr(self, s.name, table_variable(
+          s, sizes, rngs=rngs, param_dtype=param_dtype, kernel_init=kernel_init,
+          eager_sharding=eager_sharding) if s.present(flags) else None)
+
+  def params(self) -> moe_lib.FFNParams:
+    """The `jmoe.FFNParams` of this module (stored dtype)."""
+    return moe_lib.FFNParams(**{s.name: value_or_none(getattr(self, s.name))
+                                for s in params_lib.FFN_PARAMS})
+
+  def __call__(self, x: Array) -> Array:
+    """x [..., D] -> [..., D] in the compute dtype."""
+    check_features("FeedForward", x, self.d_model)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    return moe_lib.ffn(x, self.params(), self.activation)
+
+
+class MoE(nnx.Module):
+  """A Mixture-of-Experts FFN layer: a thin shell over `jmoe.moe_ffn`.
+
+  A drop-in for a dense FFN whose extra output is the aux record:
+
+    y, aux = moe(x)   # x, y: [..., d_model]; aux: jmoe.MoEAux (losses, load)
+
+  Variables: the rows of `jmoe.MOE_PARAMS` that `layout` (a `jmoe.MoELayout`)
+  has, at their NNX paths (`params()` returns them as one `jmoe.MoEParams`):
+    router: a `Router`: `router.kernel` [D, E] ("embed", "expert") and, with
+      `router_bias`, `router.bias` [E] ("expert",), an `ExpertBias` (not a Param).
+    w_gate: [E, D, F] ("expert", "embed", "mlp"), GLU activations only, else None.
+    w_up: [E, D, F] ("expert", "embed", "mlp").
+    w_down: [E, F, D] ("expert", "mlp", "embed").
+    shared: a `FeedForward` of width `shared_d_ff` (the always-on shared
+      expert(s)), or None.
+    shared_gate: [D, 1] ("embed", None) when `shared_gate`, else None.
+
+  Args:
+    d_model: D.
+    d_ff: F, each expert's hidden width.
+    num_experts: E.
+    config: the `jmoe.MoEConfig` (routing, activation, capacity, gmm backend).
+    parallel: None, or an object with `moe_ffn(x, params, config, *, key)` (e.g.
+      `jmoe.parallel.ExpertParallel`) called instead of `jmoe.moe_ffn`. Static.
+    dtype: compute dtype of the activations (None: x.dtype). `moe_ffn` casts the
+      expert weights to it; router math stays float32.
+    param_dtype: storage dtype of the parameters.
+    kernel_init: initializer of every weight, `(key, shape, dtype)`; the default
+      scales by the fan-in shape[-2].
+    eager_sharding: create parameters already sharded (see the module docstring).
+    rngs: `nnx.Rngs` with a `params` stream.
+    **options: the layer's optional parts, fields of `jmoe.MoELayout`:
+      shared_d_ff: width of the shared expert(s); 0 for none.
+      shared_gate: scale the shared output by sigmoid(x @ shared_gate)
+        (Qwen2-MoE).
+      router_bias: keep a selection-only router bias (DeepSeek-V3 aux-loss-free
+        balancing); update it with `update_bias(aux.tokens_per_expert)`.
+  """
+
+  def __init__(self, d_model: int, d_ff: int, num_experts: int, *,
+               config: moe_lib.MoEConfig = moe_lib.MoEConfig(),
+               parallel: Any = None, dtype=None, param_dtype=jnp.float32,
+               kernel_init: Initializer = fan_in_init,
+               eager_sharding: bool = False, rngs: nnx.Rngs, **options):
+    if not isinstance(config, moe_lib.MoEConfig):
+      raise TypeError(f"MoE: `config` must be a MoEConfig; got {type(config)}.")
+    unknown = sorted(set(options) - set(params_lib.LAYOUT_OPTIONS))
+    if unknown:
+      raise TypeError(
+          f"MoE: unknown option(s) {unknown}; the options are"
+          f" {params_lib.LAYOUT_OPTIONS} (fields of jmoe.MoELayout).")
+    try:
+      layout = params_lib.MoELayout(
+          d_model=d_model, d_ff=d_ff, num_experts=num_experts,
+          glu=moe_lib.is_glu(config.activation), **options)
+    except ValueError as err:
+      raise ValueError(f"MoE: {err}") from None
+    if layout.router_bias and not config.router.kind_impl.supports_bias:
+      raise ValueError(
+          "MoE: `router_bias` is for token-choice routing only; got"
+          f" kind={config.router.kind!r}.")
+    self.layout = layout
+    self.config = config
+    self.parallel = nnx.static(parallel)
+    self.dtype = dtype
+    common = dict(param_dtype=param_dtype, kernel_init=kernel_init,
+                  eager_sharding=eager_sharding, rngs=rngs)
+    submodules = {  # the rows with a two-part NNX path live in these
+        "router": lambda: Router(d_model, num_experts, config=config.router,
+                                 use_bias=layout.router_bias, **common),
+        "shared": lambda: FeedForward(d_model, layout.shared_d_ff,
+                                      activation=config.activation, dtype=dtype,
+                                      **common) if layout.shared else None,
+    }
+    for s in params_lib.MOE_PARAMS:  # in table order: the order of the draws
+      name = s.module_path[0]
+      if len(s.module_path) > 1:
+        if not hasattr(self, name):
+          setattr(self, name, submodules[name]())
+      else:
+        setattr(self, name, table_variable(s, layout.sizes, **common)
+                if s.present(layout.flags) else None)
+
+  @property
+  def d_model(self) -> int:
+    return self.layout.d_model
+
+  @property
+  def d_ff(self) -> int:
+    return self.layout.d_ff
+
+  @property
+  def num_experts(self) -> int:
+    return self.layout.num_experts
+
+  def params(self) -> moe_lib.MoEParams:
+    """The `jmoe.MoEParams` of this module (stored dtype)."""
+    values = {}
+    for s in params_lib.MOE_PARAMS:
+      v = self
+      for name in s.module_path:
+        v = None if v is None else getattr(v, name)
+      if v is not None:
+        values[s.path] = v[...]
+    return params_lib.params_from_flat(values)
+
+  def __call__(self, x: Array, *,
+               key: Array | None = None) -> tuple[Array, moe_lib.MoEAux]:
+    """y, aux = moe(x).
+
+    Args:
+      x: [..., d_model] activations.
+      key: PRNG key for router jitter / noise (training); None: no noise.
+
+    Returns:
+      y: [..., d_model] in the compute dtype.
+      aux: `jmoe.MoEAux` of this call.
+    """
+    check_features("MoE", x, self.d_model)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    if self.parallel is not None:
+      return self.parallel.moe_ffn(x, self.params(), self.config, key=key)
+    return moe_lib.moe_ffn(x, self.params(), self.config, key=key)
+
+  def update_bias(self, tokens_per_expert: Array, *, rate: float = 1e-3) -> None:
+    """One `jmoe.update_expert_bias` step of the router bias from the load [E]."""
+    _update_bias("MoE.update_bias", self.router.bias, tokens_per_expert, rate)

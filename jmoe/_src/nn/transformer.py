@@ -1,0 +1,503 @@
+"""A decoder-only MoE language model: its `TransformerConfig`, `TransformerBlock`,
+`MoETransformerLM` and the static-shape `KVCache`.
+
+`TransformerConfig` is the one home of the model's options (as flax gemma's
+`TransformerConfig`): the modules, `jmoe.hf` and examples/train_lm.py take it, and
+model presets are classmethods returning values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmoe._src import checks
+from jmoe._src import moe as moe_lib
+from jmoe._src import params as params_lib
+from jmoe._src import routing as routing_lib
+from jmoe._src.nn.attention import Attention, AttentionConfig
+from jmoe._src.nn.moe import FeedForward, MoE
+from jmoe._src.nn.variables import fan_in_init, param
+
+Array = jax.Array
+
+
+def _rms_norm_module(d_model, eps, dtype, param_dtype, eager_sharding, rngs):
+  return nnx.RMSNorm(
+      d_model, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+      scale_metadata=dict(out_sharding=("embed",), eager_sharding=eager_sharding))
+
+
+def moe_layer_pattern(num_layers: int, *, first_dense: int = 0,
+                      every: int = 1) -> tuple[bool, ...]:
+  """Which layers are MoE: layer i is iff i >= first_dense and i % every == 0.
+
+  (DeepSeek's `first_k_dense_replace` and `moe_layer_freq`.) E.g.
+  `moe_layer_pattern(4, first_dense=1)` = (False, True, True, True).
+  """
+  if every < 1 or first_dense < 0:
+    raise ValueError(
+        f"moe_layer_pattern: need every >= 1 and first_dense >= 0; got"
+        f" every={every}, first_dense={first_dense}.")
+  return tuple(i >= first_dense and i % every == 0 for i in range(num_layers))
+
+
+_ATTENTION_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionConfig))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+  """Everything that shapes a `MoETransformerLM`. Plain data: frozen, hashable.
+
+  Build one directly, from sizes and flat keywords (`make`), or from a preset
+  (`mixtral_8x7b()`, `qwen3_30b_a3b()`, `olmoe_1b_7b()`); `replace` changes
+  fields, attention ones included.
+
+  Attributes:
+    vocab_size, d_model, num_layers: sizes.
+    attention: the `AttentionConfig` of every layer.
+    d_ff: each expert's hidden width.
+    num_experts: E (0: every layer is dense).
+    moe: the `jmoe.MoEConfig` of the MoE layers; its activation is also the dense
+      layers'.
+    moe_layers: one bool per layer (True: MoE); None:
+      `moe_layer_pattern(num_layers, first_dense=first_dense)` (all dense when
+      num_experts == 0). `layer_is_moe` is the resolved tuple.
+    first_dense: the first `first_dense` layers are dense (with moe_layers=None).
+    dense_d_ff: width of the dense layers; None: d_ff * top_k (the active FLOPs
+      of an MoE layer). `dense_width` is the resolved width.
+    shared_d_ff, shared_gate, router_bias: the MoE layers' optional parts
+      (`jmoe.MoELayout`; see `jmoe.nn.MoE`).
+    tie_embeddings: logits = embed.attend(h) instead of a separate head.
+    norm_eps: epsilon of every RMSNorm (the attention's q/k norms too, unless
+      `attention.norm_eps` says otherwise).
+  """
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  attention: AttentionConfig
+  d_ff: int
+  num_experts: int = 8
+  moe: moe_lib.MoEConfig = moe_lib.MoEConfig()
+  moe_layers: tuple[bool, ...] | None = None
+  first_dense: int = 0
+  dense_d_ff: int | None = None
+  shared_d_ff: int = 0
+  shared_gate: bool = False
+  router_bias: bool = False
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    fn = "TransformerConfig"
+    if not isinstance(self.attention, AttentionConfig):
+      raise TypeError(
+          f"{fn}: `attention` must be an AttentionConfig; got"
+          f" {type(self.attention)}.")
+    if not isinstance(self.moe, moe_lib.MoEConfig):
+      raise TypeError(f"{fn}: `moe` must be a MoEConfig; got {type(self.moe)}.")
+    for name in ("vocab_size", "d_model", "num_layers", "d_ff"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{fn}: `{name}` must be a positive int; got {v!r}.")
+    if self.moe_layers is not None:
+      layers = tuple(bool(m) for m in self.moe_layers)
+      object.__setattr__(self, "moe_layers", layers)  # hashable, whatever came in
+      if self.first_dense:
+        raise ValueError(f"{fn}: pass `moe_layers` or `first_dense`, not both.")
+      if len(layers) != self.num_layers:
+        raise ValueError(
+            f"{fn}: `moe_layers` needs one entry per layer ({self.num_layers});"
+            f" got {len(layers)}.")
+      if any(layers) and self.num_experts <= 0:
+        raise ValueError(f"{fn}: MoE layers need `num_experts` > 0.")
+    self.attention.resolve(self.d_model)  # checks head_dim against d_model
+    if any(self.layer_is_moe):
+      self.moe_layout()  # checks the MoE layers' options
+
+  @property
+  def layer_is_moe(self) -> tuple[bool, ...]:
+    """One bool per layer: True for an MoE layer."""
+    if self.moe_layers is not None:
+      return self.moe_layers
+    if self.num_experts <= 0:
+      return (False,) * self.num_layers
+    return moe_layer_pattern(self.num_layers, first_dense=self.first_dense)
+
+  @property
+  def dense_width(self) -> int:
+    """The dense layers' FFN width."""
+    return self.d_ff * self.moe.top_k if self.dense_d_ff is None else self.dense_d_ff
+
+  @property
+  def attention_config(self) -> AttentionConfig:
+    """`attention` resolved for this model (head_dim, kv heads, norm_eps)."""
+    return self.attention.resolve(self.d_model, norm_eps=self.norm_eps)
+
+  def moe_layout(self) -> params_lib.MoELayout:
+    """The `jmoe.MoELayout` of the MoE layers: which parameters they have."""
+    try:
+      return params_lib.MoELayout(
+          d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts,
+          glu=moe_lib.is_glu(self.moe.activation), shared_d_ff=self.shared_d_ff,
+          shared_gate=self.shared_gate, router_bias=self.router_bias)
+    except ValueError as err:
+      raise ValueError(f"TransformerConfig: {err}") from None
+
+  @classmethod
+  def make(cls, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
+           d_ff: int, **options) -> TransformerConfig:
+    """From sizes and flat keywords: a keyword naming an `AttentionConfig` field
+    (num_kv_heads, head_dim, rope_theta, qkv_bias, out_bias, qk_norm) sets the
+    attention's, every other one this config's.
+
+      TransformerConfig.make(vocab, 512, 8, 8, 1024, num_kv_heads=2, num_experts=8)
+    """
+    own = {f.name for f in dataclasses.fields(cls)}
+    attention = {k: options.pop(k) for k in list(options)
+                 if k in _ATTENTION_FIELDS and k not in own}
+    return cls(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
+               d_ff=d_ff,
+               attention=AttentionConfig(num_heads=num_heads, **attention),
+               **options)
+
+  def replace(self, **options) -> TransformerConfig:
+    """A copy with fields replaced; attention fields (`num_heads`, `qk_norm`,
+    ...) replace the attention's."""
+    own = {f.name for f in dataclasses.fields(self)}
+    attention = {k: options.pop(k) for k in list(options)
+                 if k in _ATTENTION_FIELDS and k not in own}
+    if attention:
+      options["attention"] = dataclasses.replace(
+          options.get("attention", self.attention), **attention)
+    return dataclasses.replace(self, **options)
+
+  # Presets: the published shapes of real models (router settings as jmoe.hf
+  # reads them from the Hugging Face configs).
+
+  @classmethod
+  def mixtral_8x7b(cls) -> TransformerConfig:
+    """Mixtral-8x7B: 46.7B parameters, 12.9B active; top-2 of 8 experts."""
+    return cls(vocab_size=32000, d_model=4096, num_layers=32, d_ff=14336,
+               attention=AttentionConfig(num_heads=32, num_kv_heads=8,
+                                         rope_theta=1e6),
+               num_experts=8, moe=moe_lib.MoEConfig(
+                   router=routing_lib.RouterConfig(top_k=2, normalize=True)),
+               norm_eps=1e-5)
+
+  @classmethod
+  def qwen3_30b_a3b(cls) -> TransformerConfig:
+    """Qwen3-30B-A3B: 30.5B parameters, 3.3B active; top-8 of 128 experts."""
+    return cls(vocab_size=151936, d_model=2048, num_layers=48, d_ff=768,
+               attention=AttentionConfig(num_heads=32, num_kv_heads=4,
+                                         head_dim=128, rope_theta=1e6,
+                                         qk_norm="per_head"),
+               num_experts=128, moe=moe_lib.MoEConfig(
+                   router=routing_lib.RouterConfig(top_k=8, normalize=True)),
+               norm_eps=1e-6)
+
+  @classmethod
+  def olmoe_1b_7b(cls) -> TransformerConfig:
+    """OLMoE-1B-7B: 6.9B parameters, 1.3B active; top-8 of 64 experts."""
+    return cls(vocab_size=50304, d_model=2048, num_layers=16, d_ff=1024,
+               attention=AttentionConfig(num_heads=16, qk_norm="full"),
+               num_experts=64, moe=moe_lib.MoEConfig(
+                   router=routing_lib.RouterConfig(top_k=8)),
+               norm_eps=1e-5)
+
+
+class TransformerBlock(nnx.Module):
+  """A pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  Layer `layer` of a `TransformerConfig`: its MLP is a `MoE` when
+  `config.layer_is_moe[layer]`, else a dense `FeedForward` of width
+  `config.dense_width` and the MoE config's activation.
+
+  Submodules: `attn_norm`, `mlp_norm` (`nnx.RMSNorm`, param `scale` [D] ("embed",)),
+  `attn` (`Attention`), `mlp` (`MoE` or `FeedForward`).
+
+  Args:
+    config: the model's `TransformerConfig`.
+    layer: which layer this block is.
+    parallel: passed to the `MoE` (e.g. `jmoe.parallel.ExpertParallel`).
+    dtype, param_dtype, eager_sharding, rngs: as `MoETransformerLM`.
+  """
+
+  def __init__(self, config: TransformerConfig, layer: int = 0, *legacy,
+               parallel: Any = None, dtype=None, param_dtype=jnp.float32,
+               eager_sharding: bool = False, rngs: nnx.Rngs, **unused):
+    if legacy or not isinstance(config, TransformerConfig):
+      raise TypeError(
+          "TransformerBlock takes the model's TransformerConfig and a layer index:"
+          " TransformerBlock(TransformerConfig.make(vocab_size, d_model,"
+          " num_layers, num_heads, d_ff, ...), layer, rngs=...); got"
+          f" {(config, layer, *legacy)!r}.")
+    if unused:
+      raise TypeError(
+          f"TransformerBlock: model options {sorted(unused)} belong in the"
+          " TransformerConfig (TransformerConfig.make(..., option=value)).")
+    self.is_moe = config.layer_is_moe[layer]
+    self.dtype = dtype
+    d = config.d_model
+    common = dict(dtype=dtype, param_dtype=param_dtype,
+                  eager_sharding=eager_sharding, rngs=rngs)
+    self.attn_norm = _rms_norm_module(d, config.norm_eps, dtype, param_dtype,
+                                      eager_sharding, rngs)
+    self.attn = Attention(d, config.attention_config, **common)
+    self.mlp_norm = _rms_norm_module(d, config.norm_eps, dtype, param_dtype,
+                                     eager_sharding, rngs)
+    if self.is_moe:
+      layout = config.moe_layout()
+      self.mlp = MoE(d, layout.d_ff, layout.num_experts, config=config.moe,
+                     parallel=parallel, **common, **layout.options())
+    else:
+      self.mlp = FeedForward(d, config.dense_width,
+                             activation=config.moe.activation, **common)
+
+  def __call__(self, x: Array, *, positions: Array | None = None,
+               key: Array | None = None) -> tuple[Array, moe_lib.MoEAux | None]:
+    """x [B, S, D] -> (x [B, S, D], aux: `MoEAux`, or None for a dense block)."""
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    x = x + self.attn(self.attn_norm(x).astype(x.dtype), positions=positions)
+    return self._mlp_residual(x, key)
+
+  def decode(self, x: Array, k_cache: Array, v_cache: Array, index: Array
+             ) -> tuple[Array, Array, Array]:
+    """The block on x [B, S, D] at positions index.. against a KV cache
+    (`Attention.decode`). Returns (x, k_cache, v_cache); no aux, no router noise."""
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    a, k_cache, v_cache = self.attn.decode(self.attn_norm(x).astype(x.dtype),
+                                           k_cache, v_cache, index)
+    x, _ = self._mlp_residual(x + a, None)
+    return x, k_cache, v_cache
+
+  def _mlp_residual(self, x: Array, key: Array | None):
+    h = self.mlp_norm(x).astype(x.dtype)
+    if self.is_moe:
+      y, aux = self.mlp(h, key=key)
+    else:
+      y, aux = self.mlp(h), None
+    return x + y, aux
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """A static-shape key/value cache of a `MoETransformerLM` (all layers stacked).
+
+  Attributes:
+    k, v: [layers, B, max_len, kv_heads, head_dim].
+    index: int32 [], the number of filled positions (the next token's position).
+  """
+
+  k: Array
+  v: Array
+  index: Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+class MoETransformerLM(nnx.Module):
+  """A decoder-only language model with MoE (and optionally dense) layers.
+
+  embed -> blocks -> final RMSNorm -> head (tied: `embed.attend`).
+
+    logits, aux = lm(tokens)   # logits float32 [B, S, vocab]
+
+  Decoding with a static-shape KV cache (`KVCache`): `init_cache` then `decode`;
+  `generate(lm, prompt, n)` wraps both.
+
+  `aux` is the `jmoe.MoEAux` of the MoE layers stacked along a leading layer axis
+  (`aux.balance_loss`: [num_moe_layers], `aux.tokens_per_expert`:
+  [num_moe_layers, E]), or None when no layer is MoE.
+
+  Variables: `embed` (`nnx.Embed`, `embedding` [vocab, D] ("vocab", "embed")),
+  `blocks` (an `nnx.List` of `TransformerBlock`), `final_norm` (`nnx.RMSNorm`),
+  `head` [D, vocab] ("embed", "vocab") when untied, else None.
+
+    lm = MoETransformerLM(TransformerConfig.make(vocab, 512, 8, 8, 1024,
+                                                 num_experts=8), rngs=nnx.Rngs(0))
+    lm = MoETransformerLM(vocab, 512, 8, 8, 1024, num_experts=8, rngs=...)  # same
+
+  Args:
+    config: the `TransformerConfig`; or, as before, the sizes vocab_size, d_model,
+      num_layers, num_heads, d_ff (positional or keywords) with the other fields
+      as keywords (`TransformerConfig.make`).
+    parallel: None, or an object with `moe_ffn(x, params, config, *, key)` (e.g.
+      `jmoe.parallel.ExpertParallel`) every `MoE` calls. Not part of the config:
+      it is how to run the model, not what the model is.
+    dtype: compute dtype (None: param_dtype); param_dtype: storage dtype.
+    eager_sharding: create parameters already sharded (see `jmoe.nn`).
+    rngs: `nnx.Rngs` with a `params` stream.
+    **options: `TransformerConfig` fields (attention ones included) that replace
+      the config's.
+
+  Attributes:
+    config: the `TransformerConfig`; `vocab_size`, `d_model`, `moe_layers` (the
+      resolved per-layer tuple) and `tie_embeddings` read it.
+  """
+
+  def __init__(self, config: TransformerConfig | int | None = None, *sizes: int,
+               parallel: Any = None, dtype=None, param_dtype=jnp.float32,
+               eager_sharding: bool = False, rngs: nnx.Rngs, **options):
+    if isinstance(config, TransformerConfig):
+      if sizes:
+        raise TypeError(
+            "MoETransformerLM: pass a TransformerConfig or the sizes (vocab_size,"
+            " d_model, num_layers, num_heads, d_ff), not both.")
+      config = config.replace(**options) if options else config
+    elif isinstance(config, int):
+      config = TransformerConfig.make(config, *sizes, **options)
+    elif config is None and "vocab_size" in options:  # the sizes as keywords
+      config = TransformerConfig.make(**options)
+    else:
+      raise TypeError(
+          "MoETransformerLM: `config` must be a TransformerConfig (or the sizes"
+          f" vocab_size, d_model, num_layers, num_heads, d_ff); got {type(config)}.")
+    self.config = config
+    self.dtype = dtype
+    d, vocab = config.d_model, config.vocab_size
+    es = dict(eager_sharding=eager_sharding)
+    self.embed = nnx.Embed(
+        vocab, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        embedding_metadata=dict(out_sharding=("vocab", "embed"), **es))
+    self.blocks = nnx.List([
+        TransformerBlock(config, i, parallel=parallel, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs, **es)
+        for i in range(config.num_layers)])
+    self.final_norm = _rms_norm_module(d, config.norm_eps, dtype, param_dtype,
+                                       eager_sharding, rngs)
+    self.head = (None if config.tie_embeddings else
+                 param(fan_in_init(rngs.params(), (d, vocab), param_dtype),
+                       ("embed", "vocab"), **es))
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def d_model(self) -> int:
+    return self.config.d_model
+
+  @property
+  def moe_layers(self) -> tuple[bool, ...]:
+    return self.config.layer_is_moe
+
+  @property
+  def tie_embeddings(self) -> bool:
+    return self.config.tie_embeddings
+
+  def __call__(self, tokens: Array, *, positions: Array | None = None,
+               key: Array | None = None
+               ) -> tuple[Array, moe_lib.MoEAux | None]:
+    """logits, aux = lm(tokens).
+
+    Args:
+      tokens: int [B, S].
+      positions: int [B, S] RoPE positions; None: 0..S-1.
+      key: PRNG key for router noise; split into one key per layer.
+
+    Returns:
+      logits: float32 [B, S, vocab].
+      aux: the MoE layers' `MoEAux` stacked on a leading layer axis, or None.
+    """
+    fn = "MoETransformerLM"
+    checks.check_rank(fn, "tokens", tokens, 2, "[batch, seq]")
+    checks.check_integer(fn, "tokens", tokens)
+    x = self.embed(tokens)
+    keys = (jax.random.split(key, len(self.blocks)) if key is not None
+            else [None] * len(self.blocks))
+    auxes = []
+    for block, k in zip(self.blocks, keys):
+      x, aux = block(x, positions=positions, key=k)
+      if aux is not None:
+        auxes.append(aux)
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None
+    return self._logits(x), aux
+
+  def _logits(self, x: Array) -> Array:
+    h = self.final_norm(x).astype(x.dtype)
+    if self.head is None:
+      logits = self.embed.attend(h)
+    else:
+      logits = jnp.dot(h, self.head[...].astype(h.dtype),
+                       preferred_element_type=jnp.float32)
+    return logits.astype(jnp.float32)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty `KVCache` for `batch_size` sequences of up to `max_len` tokens.
+
+    dtype: of the cached keys / values; None: the compute dtype.
+    """
+    attn = self.config.attention_config
+    if dtype is None:
+      dtype = self.dtype if self.dtype is not None else self.embed.embedding.dtype
+    shape = (len(self.blocks), batch_size, max_len, attn.num_kv_heads,
+             attn.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   index=jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """Runs tokens [B, S] at positions cache.index .. cache.index+S-1.
+
+    The prefill (the whole prompt, S = prompt length) and each decode step (S = 1)
+    are this one call; `nnx.jit` it (shapes are static, so one compile per S).
+    Router noise is off and no aux is returned. index + S must not exceed the
+    cache's max_len (the index is traced, so this is not checked).
+
+    Returns:
+      logits: float32 [B, S, vocab].
+      cache: the `KVCache` with the S new keys / values and index + S.
+    """
+    fn = "MoETransformerLM.decode"
+    checks.check_rank(fn, "tokens", tokens, 2, "[batch, seq]")
+    checks.check_integer(fn, "tokens", tokens)
+    b, s = tokens.shape
+    if cache.k.shape[:2] != (len(self.blocks), b):
+      raise ValueError(
+          f"{fn}: the cache is for {cache.k.shape[0]} layers and batch"
+          f" {cache.k.shape[1]}; this model has {len(self.blocks)} layers and"
+          f" tokens have batch {b}.")
+    if s > cache.max_len:
+      raise ValueError(
+          f"{fn}: {s} tokens do not fit a cache of max_len={cache.max_len}.")
+    x = self.embed(tokens)
+    ks, vs = [], []
+    for i, block in enumerate(self.blocks):
+      x, k, v = block.decode(x, cache.k[i], cache.v[i], cache.index)
+      ks.append(k)
+      vs.append(v)
+    cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), index=cache.index + s)
+    return self._logits(x), cache
+
+  def moe_blocks(self) -> list[MoE]:
+    """The `MoE` modules, in layer order (the order of the stacked aux)."""
+    return [b.mlp for b in self.blocks if b.is_moe]
+
+  def update_router_biases(self, tokens_per_expert: Array, *,
+                           rate: float = 1e-3) -> None:
+    """One `update_expert_bias` step of every MoE layer's router bias.
+
+    Args:
+      tokens_per_expert: [num_moe_layers, E], e.g. `aux.tokens_per_expert` of a
+        forward pass (summed over micro-batches if any).
+      rate: the update speed.
+    """
+    layers = self.moe_blocks()
+    if np.shape(tokens_per_expert)[0] != len(layers):
+      raise ValueError(
+          f"MoETransformerLM.update_router_biases: `tokens_per_expert` must have"
+          f" shape [num_moe_layers={len(layers)}, experts]; got"
+          f" {np.shape(tokens_per_expert)}.")
+    for i, layer in enumerate(layers):
+      layer.update_bias(tokens_per_expert[i], rate=rate)
