@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jmoe
-from jmoe._src.gmm import api
+from jmoe._src.gmm import api, ops
 from jmoe._src.gmm.config import GmmConfig, heuristic_config, select_config
-from jmoe._src.gmm.pallas_triton import gmm_pallas
-from jmoe._src.gmm.reference import gmm_reference, group_ids
+from jmoe._src.gmm.pallas_triton import TritonConfig
+from jmoe._src.gmm.reference import group_ids
 from tests.utils import assert_rel
 
 F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
@@ -32,13 +32,15 @@ def fwd_bwd(lhs, rhs, group_sizes, dy, group_offset, *, impl, interpret=True,
             cfg=None, out_dtype=None):
   """(out, dlhs, drhs) of one implementation, through jax.vjp."""
   if impl == "pallas":
-    f = lambda l, r: gmm_pallas(
-        l, r, group_sizes, group_offset=group_offset,
-        preferred_element_type=out_dtype, interpret=interpret, config=cfg,
-        config_t=cfg, config_tgmm=cfg, poison_outputs=True)
+    options = ops.GmmOptions.every(TritonConfig(tiles=cfg, poison_outputs=True))
+    f = lambda l, r: ops.gmm(
+        l, r, group_sizes, group_offset, preferred_element_type=out_dtype,
+        implementation="pallas_interpret" if interpret else "pallas",
+        options=options)
   else:
-    f = lambda l, r: gmm_reference(l, r, group_sizes, group_offset=group_offset,
-                                   preferred_element_type=out_dtype)
+    f = lambda l, r: ops.gmm(l, r, group_sizes, group_offset,
+                             preferred_element_type=out_dtype,
+                             implementation="reference")
   out, vjp = jax.vjp(f, lhs, rhs)
   dlhs, drhs = vjp(dy.astype(out.dtype))
   return out, dlhs, drhs
@@ -217,7 +219,8 @@ class TestGPU(GmmKernelChecks):
     lhs, rhs, dy = make_inputs(512, 256, 512, 4, BF16, seed=4)
     gs = jnp.array([100, 0, 300, 50], jnp.int32)
     out = jax.jit(lambda l, r: jmoe.gmm(l, r, gs))(lhs, rhs)
-    ref = gmm_reference(lhs.astype(F32), rhs.astype(F32), gs)
+    ref = ops.gmm(lhs.astype(F32), rhs.astype(F32), gs,
+                  implementation="reference")
     assert_rel(out, ref, BF16, "out")
     np.testing.assert_array_equal(np.asarray(out[450:], np.float32), 0.0)
 
@@ -250,11 +253,17 @@ def test_lowers_to_triton_ir(case):
   dy = jax.ShapeDtypeStruct((m, n), dtype)
 
   def f(l, r, s, d):
-    out, vjp = jax.vjp(lambda a, b: gmm_pallas(a, b, s), l, r)
+    out, vjp = jax.vjp(lambda a, b: ops.gmm(a, b, s, implementation="pallas"),
+                       l, r)
     return out, *vjp(d)
 
-  text = jax.jit(f).trace(lhs, rhs, gs, dy).lower(
-      lowering_platforms=("cuda",)).as_text()
+  try:
+    text = jax.jit(f).trace(lhs, rhs, gs, dy).lower(
+        lowering_platforms=("cuda",)).as_text()
+  except RuntimeError as e:
+    if "No supported GPU devices found" not in str(e):
+      raise
+    pytest.skip("jax >= 0.11 lowers Pallas-Triton only for a GPU it can see")
   for name in ("jmoe_gmm", "jmoe_gmm_t", "jmoe_tgmm"):
     assert f'name = "{name}"' in text, f"{name} missing from the CUDA lowering"
 
