@@ -412,6 +412,38 @@ def test_lowers_to_triton_ir(case):
     assert f'name = "{name}"' in text, f"{name} missing from the CUDA lowering"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("jmoe._src.gmm.pallas_mosaic_gpu")
+                    is None, reason="jmoe/_src/gmm/pallas_mosaic_gpu.py absent")
+def test_mosaic_wiring_lowers_for_cuda():
+  """jmoe.gmm(implementation="mosaic") forward and backward lower for CUDA on any
+  machine: bf16 products are Mosaic-GPU kernels; with a float32 output the
+  backward's products (float32, promoted) fall back to the Triton kernels."""
+  m, k, n, g = 1000, 256, 384, 8
+  lhs = jax.ShapeDtypeStruct((m, k), BF16)
+  rhs = jax.ShapeDtypeStruct((g, k, n), BF16)
+  gs = jax.ShapeDtypeStruct((g,), jnp.int32)
+
+  def text(out_dtype):
+    def f(l, r, s):
+      out, vjp = jax.vjp(lambda a, b: jmoe.gmm(
+          a, b, s, preferred_element_type=out_dtype, implementation="mosaic"), l, r)
+      return out, *vjp(jnp.ones(out.shape, out.dtype))
+    try:
+      return jax.jit(f).trace(lhs, rhs, gs).lower(
+          lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:
+      if "No supported GPU devices found" not in str(e):
+        raise
+      pytest.skip("jax >= 0.11 lowers Pallas-Triton only for a GPU it can see")
+
+  bf16 = text(BF16)
+  assert bf16.count("mosaic_gpu") >= 3 and "jmoe_tgmm" not in bf16
+  f32 = text(F32)
+  assert "mosaic_gpu" in f32
+  for name in ("jmoe_gmm_t", "jmoe_tgmm"):
+    assert f'name = "{name}"' in f32, f"{name}: the float32 backward on Triton"
+
+
 def test_benchmark_routings():
   """The benchmark's routings (shared shapes in benchmarks/arg_specs.py)."""
   from benchmarks.arg_specs import SPECS, routing_sizes
