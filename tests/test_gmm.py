@@ -86,8 +86,14 @@ class TestPallasInterpret(CpuCases, GmmChecks, RaggedDotPorts):
   # The "small" shape is the xla / reference one (tests/test_gmm.py before the
   # merge); the kernels' edges are in "tiles" and "odd".
   SHAPES = {k: v for k, v in CpuCases.SHAPES.items() if k != "small"}
+  OFFSET_CASES = {"seven": CpuCases.OFFSET_CASES["seven"]}
   FUZZ_SHAPE = (90, 48, 40, 5)
   FUZZ_EXAMPLES = 20
+  # The interpreter is the slowest backend to compile: one shape each for the
+  # ports whose examples compile anew (k < 16 overhangs the smallest tile).
+  PORT_LAX_SHAPES = ((64, 9, 8, 2),)
+  PORT_MEGABLOX_SHAPES = ((128, 8, 16),)
+  PORT_MEGABLOX_EXAMPLES = 3
 
 
 class GpuCases:
