@@ -289,10 +289,8 @@ class ExpertParallel:
     key_spec = None if key is None else P()
     stats_spec = DispatchStats(P(), P(), P())
     aux_spec = MoEAux.filled(P())
-    # JAX's Pallas *interpreter* evaluates kernel bodies without honouring the
-    # varying-axes types (jax 0.10-0.11), so the CPU-test backend runs unchecked;
-    # every compiled backend keeps shard_map's check.
-    check_vma = config.gmm_implementation != "pallas_interpret"
+    # Every gmm backend types its outputs' varying axes (jmoe._src.gmm.ops).
+    check_vma = True
     mapped = jax.shard_map(
         body, mesh=self.mesh,
         in_specs=(P(self.token_axes), self.param_specs(params), key_spec),

@@ -1,115 +1,463 @@
-"""jmoe.gmm (xla and reference) against a per-group loop: values, gradients, empties."""
+"""jmoe.gmm on every backend: one test base (tests/gmm_checks.py, with the ported
+peer tests of tests/gmm_ports.py) subclassed per backend, and the dispatch tests.
+
+CPU: "reference", "xla" and "pallas_interpret" (the Pallas-Triton kernels in the
+interpreter, tiles of 16/32 so that m, k and n all overhang their last tile). GPU
+(`@pytest.mark.gpu`, skipped without one): "pallas" (Triton) and "mosaic"
+(Mosaic-GPU, Hopper) at shapes where 64/128-row tiles matter, plus small odd ones.
+Kernel outputs start as NaN (`poison_outputs`) where the backend offers it, so a
+row a kernel forgets to write fails the finiteness and exact-zero checks.
+"""
+
+import importlib.util
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import jmoe
-from tests.utils import assert_rel, assert_tree_rel, tol
-
-M, K, N, G = 40, 16, 24, 5
-
-
-def loop_reference(lhs, rhs, group_sizes, group_offset=0):
-  """One jnp.dot per group on concrete slices; zeros for rows of other groups."""
-  sizes = [int(s) for s in np.asarray(group_sizes)]
-  out = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
-  start = 0
-  for g, s in enumerate(sizes):
-    local = g - group_offset
-    if 0 <= local < rhs.shape[0] and s:
-      blk = jnp.dot(lhs[start:start + s].astype(jnp.float32),
-                    rhs[local].astype(jnp.float32), precision="highest")
-      out = out.at[start:start + s].set(blk)
-    start += s
-  return out
+from jmoe._src.gmm import api, ops
+from jmoe._src.gmm.config import GmmConfig, heuristic_config, select_config
+from jmoe._src.gmm.pallas_triton import TritonConfig
+from tests.gmm_checks import BF16, F16, F32, GmmChecks, loop_oracle, make_inputs
+from tests.gmm_ports import RaggedDotPorts
+from tests.utils import assert_rel
 
 
-def inputs(dtype=jnp.float32, seed=0, g=G):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  lhs = jax.random.normal(k1, (M, K), dtype)
-  rhs = jax.random.normal(k2, (g, K, N), dtype)
-  return lhs, rhs
+class CpuCases:
+  """Shapes and routings of the CPU backends (tests/test_gmm.py and
+  tests/test_gmm_pallas.py before the merge, plus odd k and n)."""
+
+  SHAPES = {
+      "small": (40, 16, 24, 5),
+      "tiles": (90, 48, 40, 5),
+      "odd": (40, 33, 200, 3),
+  }
+  ROUTINGS = {
+      "small": {
+          "mixed": [8, 0, 12, 0, 20],
+          "one_group": [40, 0, 0, 0, 0],
+          "nothing_routed": [0, 0, 0, 0, 0],
+          "uneven": [3, 7, 1, 9, 2],          # 18 tail rows
+          "middle": [0, 5, 5, 5, 0],
+          "bf16_case": [10, 0, 10, 10, 10],
+      },
+      "tiles": {
+          "mixed": [17, 0, 40, 3, 25],         # empty group, tail of 5 rows
+          "one_group": [0, 0, 90, 0, 0],
+          "tail_heavy": [10, 0, 0, 20, 0],     # 60 tail rows
+          "nothing_routed": [0, 0, 0, 0, 0],
+          "tile_aligned": [16, 16, 32, 0, 26],
+      },
+      "odd": {"mixed": [13, 0, 20], "last": [0, 0, 39]},
+  }
+  OFFSET_CASES = {
+      # (m, k, n, all groups' sizes, local groups, offsets); offsets past the
+      # last group leave local groups with no rows (all zeros).
+      "seven": (90, 48, 40, [11, 0, 14, 30, 0, 9, 20], 3, (0, 2, 4, 5, 7)),
+      "five": (40, 16, 24, [6, 9, 0, 11, 8], 2, (0, 2, 4)),
+  }
+  FUZZ_SHAPE = (40, 16, 24, 5)
+  FUZZ_EXAMPLES = 12
+  PUBLIC_SHAPE, PUBLIC_SIZES = (96, 64, 64, 4), [30, 0, 41, 20]
+  # Ported peer tests, scaled for CPU (float16 runs on the GPU classes).
+  PORT_DTYPES = (F32, BF16)
+  PORT_MEGABLOX_SHAPES = ((128, 128, 128), (128, 8, 16))
+  PORT_MEGABLOX_EXAMPLES = 2
 
 
-IMPLS = ["xla", "reference"]
+class TestReference(CpuCases, GmmChecks, RaggedDotPorts):
+  IMPL = "reference"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("sizes", [[8, 0, 12, 0, 20], [40, 0, 0, 0, 0], [0, 0, 0, 0, 0],
-                                   [3, 7, 1, 9, 2], [0, 5, 5, 5, 0]])
-def test_values_and_gradients(impl, sizes):
-  lhs, rhs = inputs()
-  gs = jnp.array(sizes, jnp.int32)
-  out = jmoe.gmm(lhs, rhs, gs, implementation=impl)
-  ref = loop_reference(lhs, rhs, gs)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
-  total = sum(sizes)
-  assert np.all(np.asarray(out)[total:] == 0), "rows past sum(group_sizes) must be 0"
-  c = jax.random.normal(jax.random.key(1), out.shape)
-  g = jax.grad(lambda a, b: jnp.sum(jmoe.gmm(a, b, gs, implementation=impl) * c),
-               argnums=(0, 1))(lhs, rhs)
-  g_ref = jax.grad(lambda a, b: jnp.sum(loop_reference(a, b, gs) * c), argnums=(0, 1))(lhs, rhs)
-  np.testing.assert_allclose(np.asarray(g[0]), np.asarray(g_ref[0]), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(g[1]), np.asarray(g_ref[1]), rtol=1e-5, atol=1e-5)
-  for i, s in enumerate(sizes):
-    if s == 0:
-      assert np.all(np.asarray(g[1][i]) == 0), "empty group must get a zero gradient"
+class TestXla(CpuCases, GmmChecks, RaggedDotPorts):
+  IMPL = "xla"
+  FUZZ_EXAMPLES = 30
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_bfloat16_accumulates_in_float32(impl):
-  lhs, rhs = inputs(jnp.bfloat16, seed=2)
-  gs = jnp.array([10, 0, 10, 10, 10], jnp.int32)
-  out = jmoe.gmm(lhs, rhs, gs, preferred_element_type=jnp.float32, implementation=impl)
-  assert out.dtype == jnp.float32
-  assert_rel(out, loop_reference(lhs, rhs, gs), jnp.float32, "bf16 in, f32 out")
-  out16 = jmoe.gmm(lhs, rhs, gs, implementation=impl)
-  assert out16.dtype == jnp.bfloat16
-  assert_rel(out16, loop_reference(lhs, rhs, gs), jnp.bfloat16, "bf16 out")
+class TestPallasInterpret(CpuCases, GmmChecks, RaggedDotPorts):
+  """The Pallas-Triton kernels in the interpreter, with tiles of 16/32."""
+
+  IMPL = "pallas_interpret"
+  CFG = GmmConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+  OPTIONS = ops.GmmOptions.every(TritonConfig(tiles=CFG, poison_outputs=True))
+  # The "small" shape is the xla / reference one (tests/test_gmm.py before the
+  # merge); the kernels' edges are in "tiles" and "odd".
+  SHAPES = {k: v for k, v in CpuCases.SHAPES.items() if k != "small"}
+  OFFSET_CASES = {"seven": CpuCases.OFFSET_CASES["seven"]}
+  FUZZ_SHAPE = (90, 48, 40, 5)
+  FUZZ_EXAMPLES = 20
+  # The interpreter is the slowest backend to compile: one shape each for the
+  # ports whose examples compile anew (k < 16 overhangs the smallest tile).
+  PORT_LAX_SHAPES = ((64, 9, 8, 2),)
+  PORT_MEGABLOX_SHAPES = ((128, 8, 16),)
+  PORT_MEGABLOX_EXAMPLES = 3
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("offset", [0, 2, 4])
-def test_group_offset_local_range(impl, offset):
-  lhs, _ = inputs(seed=3)
-  g_local = 2 if offset < 4 else 1
-  rhs = jax.random.normal(jax.random.key(4), (g_local, K, N))
-  gs = jnp.array([6, 9, 0, 11, 8], jnp.int32)
-  off = jnp.int32(offset)
-  out = jax.jit(lambda a, b, s, o: jmoe.gmm(a, b, s, group_offset=o, implementation=impl))(
-      lhs, rhs, gs, off)
-  ref = loop_reference(lhs, rhs, gs, offset)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
-  c = jax.random.normal(jax.random.key(5), out.shape)
-  g = jax.grad(lambda a, b: jnp.sum(jmoe.gmm(a, b, gs, group_offset=off,
-                                             implementation=impl) * c), argnums=(0, 1))(lhs, rhs)
-  g_ref = jax.grad(lambda a, b: jnp.sum(loop_reference(a, b, gs, offset) * c),
-                   argnums=(0, 1))(lhs, rhs)
-  assert_tree_rel(g, g_ref, jnp.float32, f"offset {offset} grads ")
+class GpuCases:
+  """Kernel-sized shapes (tests/test_gmm_pallas.py's GPU classes before the merge,
+  plus a training-like and an odd one)."""
+
+  SHAPES = {
+      "train": (1000, 256, 384, 8),
+      "aligned": (4096, 1024, 2048, 8),
+      "ragged": (1000, 200, 300, 6),
+      "odd": (1000, 33, 200, 8),
+      "decode": (256, 1024, 2048, 8),
+  }
+  ROUTINGS = {
+      "train": {"skewed": [300, 0, 170, 1, 64, 128, 200, 100],
+                "one_group": [0, 0, 0, 0, 0, 1000, 0, 0]},
+      "aligned": {
+          "skewed_with_empty": [1500, 0, 700, 3, 1200, 0, 600, 90],  # sum 4093
+          "balanced": [512] * 8,
+          "one_group": [0, 0, 0, 4096, 0, 0, 0, 0],
+          "tail_heavy": [100, 0, 0, 0, 0, 0, 0, 900],
+      },
+      "ragged": {"mixed": [170, 0, 333, 1, 250, 200], "tail": [0, 77, 0, 0, 0, 400]},
+      "odd": {"mixed": [129, 0, 64, 63, 300, 1, 0, 400]},
+      "decode": {"decode": [40, 0, 31, 33, 60, 2, 50, 40]},
+  }
+  OFFSET_CASES = {
+      "aligned": (4096, 1024, 2048, [400, 0, 1000, 333, 0, 777, 1200, 300, 0, 50],
+                  4, (0, 3, 6)),
+      "ragged": (1000, 200, 300, [100, 200, 0, 300, 150, 200, 50], 3, (1, 4)),
+  }
+  FUZZ_SHAPE = (1000, 256, 384, 8)
+  FUZZ_EXAMPLES = 25
+  PUBLIC_SHAPE, PUBLIC_SIZES = (512, 256, 512, 4), [100, 0, 300, 50]
+  # The peers' own shapes.
+  PORT_MEGABLOX_SHAPES = ((128, 128, 128), (512, 2048, 256), (128, 8, 16))
+  PORT_MEGABLOX_EXAMPLES = 10
+  PORT_MEGABLOX_MAX_GROUPS = 32
+  PORT_TOKAMAX = (8, 1024, 128, 256)
+  PORT_VMAP = (256, 256, 256, 4)
+  PORT_DTYPES = (F32, BF16, F16)
 
 
-_gmm_xla = jax.jit(lambda a, b, s: jmoe.gmm(a, b, s, implementation="xla"))
+@pytest.mark.gpu
+class TestPallasTritonGPU(GpuCases, GmmChecks, RaggedDotPorts):
+  """The compiled Triton kernels with the selected (tuned or heuristic) tiles."""
+
+  IMPL = "pallas"
+  OPTIONS = ops.GmmOptions.every(TritonConfig(poison_outputs=True))
+  # A static export serializes the Triton kernel as a custom call, which has no
+  # compatibility guarantee (jax.export refuses it unless told).
+  EXPORT_DISABLED_CHECKS = tuple(
+      jax.export.DisabledSafetyCheck.custom_call(t)
+      for t in ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi"))
+
+  def test_default_implementation_is_a_kernel(self):
+    """implementation=None picks a GPU kernel ("mosaic" on Hopper when present,
+    else "pallas"), and it is right."""
+    assert ops.default_implementation() in ("pallas", "mosaic")
+    lhs, rhs, _ = make_inputs(512, 256, 512, 4, BF16, seed=4)
+    gs = jnp.array([100, 0, 300, 50], jnp.int32)
+    out = jax.jit(lambda l, r: jmoe.gmm(l, r, gs))(lhs, rhs)
+    assert_rel(out, loop_oracle(lhs, rhs, gs)[0], BF16, "out")
+    np.testing.assert_array_equal(np.asarray(out[450:], np.float32), 0.0)
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(0, 12), min_size=G, max_size=G))
-def test_fuzzed_group_sizes(sizes):
-  # Fit into M rows: sum(sizes) <= M always holds (5 * 12 = 60 > 40, so clip).
-  sizes = np.array(sizes)
-  while sizes.sum() > M:
-    sizes[np.argmax(sizes)] -= 1
-  lhs, rhs = inputs(seed=int(sizes.sum()))
-  gs = jnp.asarray(sizes, jnp.int32)
-  out = _gmm_xla(lhs, rhs, gs)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(loop_reference(lhs, rhs, gs)),
-                             rtol=1e-5, atol=1e-5)
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("jmoe._src.gmm.pallas_mosaic_gpu")
+                    is None, reason="jmoe/_src/gmm/pallas_mosaic_gpu.py absent")
+class TestMosaicGPU(GpuCases, GmmChecks, RaggedDotPorts):
+  """The Mosaic-GPU kernels (Hopper); float32 operands run on their fallback."""
+
+  IMPL = "mosaic"
+  DTYPES = (BF16,)
+  # Mosaic-GPU's custom call ("mosaic_gpu_v2") is export-stable; a float32
+  # fallback would embed Triton's.
+  EXPORT_DISABLED_CHECKS = TestPallasTritonGPU.EXPORT_DISABLED_CHECKS
+
+  @pytest.fixture(autouse=True)
+  def _hopper(self):
+    if not ops._is_hopper(jax.devices()[0]):  # noqa: SLF001
+      pytest.skip("Mosaic-GPU kernels need a Hopper GPU")
 
 
-def test_default_implementation_on_cpu_is_xla():
-  from jmoe._src.gmm import api
+# ----------------------------------------------------------------------------
+# Dispatch: names, defaults, fallbacks, options, empty and symbolic shapes
+
+
+def test_implementation_names():
+  assert set(api.IMPLEMENTATIONS) == {"xla", "reference", "pallas", "pallas_triton",
+                                      "pallas_interpret", "mosaic"}
+  assert ops.canonical_name("pallas_triton") == ops.canonical_name("pallas")
+  with pytest.raises(ValueError, match="implementation"):
+    ops.canonical_name("cuda")
+  lhs, rhs, _ = make_inputs(20, 8, 8, 2, F32)
+  gs = jnp.array([5, 10], jnp.int32)
+  jaxprs = [str(jax.make_jaxpr(lambda a, b: jmoe.gmm(a, b, gs, implementation=i))(
+      lhs, rhs)) for i in ("pallas_triton", "pallas")]
+  assert jaxprs[0] == jaxprs[1] and "implementation=pallas" in jaxprs[0]
+
+
+def test_default_implementation_on_this_backend():
   if jax.devices()[0].platform == "cpu":
     assert api.default_implementation() == "xla"
+  else:
+    assert api.default_implementation() in ("pallas", "mosaic")
+
+
+@pytest.mark.parametrize("kind,cc,want", [
+    ("NVIDIA H100 80GB HBM3", "9.0", "mosaic"),
+    ("NVIDIA H200", None, "mosaic"),
+    ("NVIDIA H20", None, "mosaic"),
+    ("NVIDIA A100-SXM4-80GB", "8.0", "pallas"),
+    ("NVIDIA GeForce RTX 4090", "8.9", "pallas"),
+])
+def test_default_implementation_by_gpu(monkeypatch, kind, cc, want):
+  """Hopper (compute capability 9.x, or an H100/H200/H800/H20 device kind) gets
+  the Mosaic kernels when their module is present, other NVIDIA GPUs Triton."""
+  dev = types.SimpleNamespace(platform="gpu", device_kind=kind)
+  if cc is not None:
+    dev.compute_capability = cc
+  monkeypatch.setattr(jax, "devices", lambda *a: [dev])
+  monkeypatch.setattr(ops, "_mosaic_present", lambda: True)
+  assert ops.default_implementation() == want
+  monkeypatch.setattr(ops, "_mosaic_present", lambda: False)
+  assert ops.default_implementation() == "pallas"
+
+
+def test_mosaic_absent_is_a_clear_error():
+  if importlib.util.find_spec("jmoe._src.gmm.pallas_mosaic_gpu") is not None:
+    pytest.skip("the Mosaic module is present")
+  lhs, rhs, _ = make_inputs(8, 16, 16, 1, BF16)
+  with pytest.raises(ValueError, match="mosaic.*pallas_mosaic_gpu"):
+    jmoe.gmm(lhs, rhs, jnp.array([8]), implementation="mosaic")
+
+
+def _fake_backend(calls, supports, fallback):
+  """A backend module recording its calls, on top of the reference."""
+  from jmoe._src.gmm import reference  # noqa: PLC0415
+
+  def gmm(*args, config=None, **kw):
+    calls.append(("gmm", kw["transpose_rhs"], args[0].dtype, config))
+    return reference.gmm(*args, config=config, **kw)
+
+  def tgmm(*args, config=None, **kw):
+    calls.append(("tgmm", None, args[0].dtype, config))
+    return reference.tgmm(*args, config=config, **kw)
+
+  return types.SimpleNamespace(gmm=gmm, tgmm=tgmm, FALLBACK=fallback,
+                               supports_dtype=supports)
+
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+  """Registers "fake16" (16-bit floats only, falling back to "fakeall")."""
+  calls = {"fake16": [], "fakeall": []}
+  mods = {
+      "jmoe_test_fake16": _fake_backend(
+          calls["fake16"], lambda d: jnp.dtype(d).itemsize == 2, "fakeall"),
+      "jmoe_test_fakeall": _fake_backend(calls["fakeall"], lambda d: True, None),
+  }
+  real_import = ops.importlib.import_module
+  monkeypatch.setattr(ops.importlib, "import_module",
+                      lambda name: mods.get(name) or real_import(name))
+  registry = ops._BACKENDS  # noqa: SLF001
+  monkeypatch.setitem(registry, "fake16", ("jmoe_test_fake16", {}))
+  monkeypatch.setitem(registry, "fakeall", ("jmoe_test_fakeall", {}))
+  monkeypatch.setattr(ops, "IMPLEMENTATIONS", ops.IMPLEMENTATIONS +
+                      ("fake16", "fakeall"))
+  ops.backend.cache_clear()
+  yield calls
+  ops.backend.cache_clear()
+
+
+def test_dtype_fallback_and_options(fake_backends):
+  """bf16 products run on the backend with its per-product configs; the float32
+  cotangent's products (promoted) run on its FALLBACK with the default config.
+  Products are named by kind: gmm -> fwd, gmm transposed -> dlhs, tgmm -> drhs."""
+  lhs, rhs, _ = make_inputs(24, 8, 8, 3, BF16)
+  gs = jnp.array([5, 0, 10], jnp.int32)
+  opts = ops.GmmOptions(fwd="F", dlhs="DL", drhs="DR")
+  f = lambda a, b, out: ops.gmm(a, b, gs, preferred_element_type=out,
+                                implementation="fake16", options=opts)
+  # bf16 cotangent: all three products on fake16. (The backends are called when
+  # the primitives lower.)
+  loss = lambda out: lambda a, b: jnp.sum(f(a, b, out))
+  lower = lambda out: jax.jit(jax.value_and_grad(loss(out), (0, 1))).lower(lhs, rhs)
+  lower(BF16)
+  assert sorted(fake_backends["fake16"]) == sorted([
+      ("gmm", False, BF16, "F"), ("gmm", True, BF16, "DL"),
+      ("tgmm", None, BF16, "DR")])
+  assert not fake_backends["fakeall"]
+  fake_backends["fake16"].clear()
+  # float32 output: forward on fake16; the backward computes in float32 on the
+  # fallback, which gets no config (the options are fake16's).
+  lower(F32)
+  assert fake_backends["fake16"] == [("gmm", False, BF16, "F")]
+  assert sorted(fake_backends["fakeall"]) == sorted([
+      ("gmm", True, F32, None), ("tgmm", None, F32, None)])
+
+
+def test_no_backend_for_dtype(fake_backends):
+  del fake_backends
+  # fakeall falls back to nothing; make it 16-bit only too (monkeypatch undoes it).
+  registry = ops._BACKENDS  # noqa: SLF001
+  registry["fakeall"] = registry["fake16"]
+  ops.backend.cache_clear()
+  with pytest.raises(TypeError, match="no backend takes float32"):
+    ops.gmm(jnp.ones((4, 8)), jnp.ones((1, 8, 8)), jnp.array([4]),
+            implementation="fake16")
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas_interpret"])
+@pytest.mark.parametrize("shape", [(0, 8, 8, 2), (6, 0, 8, 2), (6, 8, 0, 2),
+                                   (6, 8, 8, 0)], ids=["m0", "k0", "n0", "L0"])
+def test_empty_shapes_are_zeros(impl, shape):
+  """min(m, k, n, L) == 0 gives zeros (and zero gradients), statically: no
+  primitive is bound."""
+  m, k, n, g = shape
+  lhs, rhs = jnp.ones((m, k)), jnp.ones((g, k, n))
+  gs = jnp.zeros((max(g, 1),), jnp.int32)
+  off = None if g else jnp.int32(0)
+  f = lambda a, b: jmoe.gmm(a, b, gs, group_offset=off, implementation=impl)
+  jaxpr = jax.make_jaxpr(f)(lhs, rhs)
+  assert "jmoe_gmm" not in str(jaxpr)
+  out = f(lhs, rhs)
+  assert out.shape == (m, n) and not np.asarray(out).any()
+  dl, dr = jax.grad(lambda a, b: jnp.sum(f(a, b)), (0, 1))(lhs, rhs)
+  assert dl.shape == lhs.shape and dr.shape == rhs.shape
+
+
+def test_symbolic_shapes_lower_to_xla(monkeypatch):
+  """With symbolic shapes the Pallas backend's product lowers through XLA's
+  ragged_dot (the kernels need static shapes); with static ones, the kernel."""
+  from jax import export  # noqa: PLC0415
+  used = []
+  real = ops.backend
+  monkeypatch.setattr(ops, "backend", lambda name: used.append(name) or real(name))
+  f = lambda a, b, s: jmoe.gmm(a, b, s, implementation="pallas_interpret")
+  m, = export.symbolic_shape("m")
+  export.export(jax.jit(f))(jax.ShapeDtypeStruct((m, 16), jnp.float32),
+                            jax.ShapeDtypeStruct((2, 16, 8), jnp.float32),
+                            jax.ShapeDtypeStruct((2,), jnp.int32))
+  assert used and set(used) == {"xla"}, used
+  used.clear()
+  jax.jit(f).lower(jnp.ones((8, 16)), jnp.ones((2, 16, 8)), jnp.array([4, 4]))
+  assert used and set(used) == {"pallas_interpret"}, used
+
+
+def test_primitives_in_the_jaxpr():
+  """One primitive per product: gmm forward, gmm transposed and tgmm backward."""
+  lhs, rhs, _ = make_inputs(16, 8, 8, 2, F32)
+  gs = jnp.array([8, 8], jnp.int32)
+  jaxpr = str(jax.make_jaxpr(jax.grad(
+      lambda a, b: jnp.sum(jmoe.gmm(a, b, gs) ** 2), (0, 1)))(lhs, rhs))
+  assert jaxpr.count("jmoe_gmm[") == 2 and jaxpr.count("jmoe_tgmm[") == 1
+  assert "transpose_rhs=True" in jaxpr and "transpose_rhs=False" in jaxpr
+
+
+def test_tgmm_entry_point():
+  """ops.tgmm (the weight-gradient product alone) on every CPU backend."""
+  m, k, n = 30, 9, 7
+  lhs, _, dy = make_inputs(m, k, n, 1, F32, seed=3)
+  sizes, offset, num_local = [5, 0, 9, 11, 3], 1, 3
+  gs = jnp.array(sizes, jnp.int32)
+  want = np.zeros((num_local, k, n))
+  start = np.cumsum([0] + sizes)
+  for l in range(num_local):
+    rows = slice(start[offset + l], start[offset + l + 1])
+    want[l] = np.asarray(lhs, np.float64)[rows].T @ np.asarray(dy, np.float64)[rows]
+  for impl in ("xla", "reference", "pallas_interpret"):
+    got = ops.tgmm(lhs, dy, gs, jnp.int32(offset), num_local=num_local,
+                   implementation=impl)
+    assert_rel(got, want, F32, impl)
+    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)  # group 1 is empty
+
+
+# ----------------------------------------------------------------------------
+# The Triton backend: configs and lowering (no GPU needed)
+
+
+def test_configs():
+  with pytest.raises(ValueError, match="power of 2"):
+    GmmConfig(block_m=48)
+  with pytest.raises(TypeError):
+    GmmConfig(128, 128)  # keyword-only
+  # Decode: few rows per group -> a small row tile; training shapes: 128 rows.
+  assert heuristic_config("gmm", 256, 4096, 14336, 8, BF16).block_m <= 64
+  assert heuristic_config("gmm", 16384, 4096, 14336, 8, BF16).block_m == 128
+  # Tiles never exceed the (power-of-2-rounded) problem.
+  c = select_config("gmm", 90, 48, 40, 5, F32, interpret=True)
+  assert c.block_n <= 64 and c.block_k <= 64
+
+
+@pytest.mark.parametrize("case", ["bf16_aligned", "f32_ragged"])
+def test_lowers_to_triton_ir(case):
+  """The kernels lower to Triton IR for CUDA, on any machine (no GPU needed): the
+  Pallas-Triton lowering rules accept every op the kernels use (forward, input
+  gradient, weight gradient). PTX compilation itself happens only on a GPU."""
+  if case == "bf16_aligned":
+    m, k, n, g, dtype = 1024, 512, 1024, 8, BF16
+  else:
+    m, k, n, g, dtype = 1000, 200, 300, 6, F32
+  lhs = jax.ShapeDtypeStruct((m, k), dtype)
+  rhs = jax.ShapeDtypeStruct((g, k, n), dtype)
+  gs = jax.ShapeDtypeStruct((g,), jnp.int32)
+  dy = jax.ShapeDtypeStruct((m, n), dtype)
+
+  def f(l, r, s, d):
+    out, vjp = jax.vjp(lambda a, b: jmoe.gmm(a, b, s, implementation="pallas"),
+                       l, r)
+    return out, *vjp(d)
+
+  try:
+    text = jax.jit(f).trace(lhs, rhs, gs, dy).lower(
+        lowering_platforms=("cuda",)).as_text()
+  except RuntimeError as e:
+    if "No supported GPU devices found" not in str(e):
+      raise
+    pytest.skip("jax >= 0.11 lowers Pallas-Triton only for a GPU it can see")
+  for name in ("jmoe_gmm", "jmoe_gmm_t", "jmoe_tgmm"):
+    assert f'name = "{name}"' in text, f"{name} missing from the CUDA lowering"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jmoe._src.gmm.pallas_mosaic_gpu")
+                    is None, reason="jmoe/_src/gmm/pallas_mosaic_gpu.py absent")
+def test_mosaic_wiring_lowers_for_cuda():
+  """jmoe.gmm(implementation="mosaic") forward and backward lower for CUDA on any
+  machine: bf16 products are Mosaic-GPU kernels; with a float32 output the
+  backward's products (float32, promoted) fall back to the Triton kernels."""
+  m, k, n, g = 1000, 256, 384, 8
+  lhs = jax.ShapeDtypeStruct((m, k), BF16)
+  rhs = jax.ShapeDtypeStruct((g, k, n), BF16)
+  gs = jax.ShapeDtypeStruct((g,), jnp.int32)
+
+  def text(out_dtype):
+    def f(l, r, s):
+      out, vjp = jax.vjp(lambda a, b: jmoe.gmm(
+          a, b, s, preferred_element_type=out_dtype, implementation="mosaic"), l, r)
+      return out, *vjp(jnp.ones(out.shape, out.dtype))
+    try:
+      return jax.jit(f).trace(lhs, rhs, gs).lower(
+          lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:
+      if "No supported GPU devices found" not in str(e):
+        raise
+      pytest.skip("jax >= 0.11 lowers Pallas-Triton only for a GPU it can see")
+
+  bf16 = text(BF16)
+  assert bf16.count("mosaic_gpu") >= 3 and "jmoe_tgmm" not in bf16
+  f32 = text(F32)
+  assert "mosaic_gpu" in f32
+  for name in ("jmoe_gmm_t", "jmoe_tgmm"):
+    assert f'name = "{name}"' in f32, f"{name}: the float32 backward on Triton"
+
+
+def test_benchmark_routings():
+  """The benchmark's routings (shared shapes in benchmarks/arg_specs.py)."""
+  from benchmarks.arg_specs import SPECS, routing_sizes
+  for spec in SPECS.values():
+    bal = routing_sizes(spec.rows, spec.num_groups, "balanced")
+    skew = routing_sizes(spec.rows, spec.num_groups, "skewed")
+    assert bal.sum() == skew.sum() == spec.rows
+    assert (bal > 0).all() and (skew == 0).any()
+    assert skew.max() > 2 * spec.rows / spec.num_groups
+    np.testing.assert_array_equal(
+        skew, routing_sizes(spec.rows, spec.num_groups, "skewed"))  # fixed seed

@@ -1,4 +1,4 @@
-"""Pallas-Triton kernels of the grouped matmul and their `custom_vjp` wiring.
+"""Pallas-Triton kernels of the grouped matmul: a backend of `ops`.
 
 Three products, two kernels:
 
@@ -19,20 +19,27 @@ Three products, two kernels:
   never mixes groups); an empty group runs zero steps and stores zeros.
 
 The kernels hold no routing logic: `tiling.py` builds their metadata with a cumsum,
-under jit, static shapes. Operands are cast to a common compute dtype after the load
-(bf16 x bf16 or f32 x f32 on the tensor cores), accumulation is float32, and the
-result is cast to the requested dtype at the store.
+under jit, static shapes. Both operands arrive in one dtype (`ops` promotes them;
+bf16 x bf16 or f32 x f32 on the tensor cores), accumulation is float32, and the
+result is cast to the requested dtype at the store. Any k and n: the loads and
+stores of a tile overhanging k, n or the owned rows are masked (nothing is padded
+in HBM).
 
-`interpret=True` runs the same kernels on CPU (tests); the Triton compiler parameters
-(num_warps, num_stages) are ignored there.
+This module holds the kernels, their `pallas_call` wrappers (`gmm_call`,
+`tgmm_call`, which the autotuner in benchmarks/gmm.py launches directly) and the
+backend interface of `ops` (`gmm`, `tgmm`, `supports_dtype`, `FALLBACK`), whose
+`config` is a `GmmConfig`, a `TritonConfig` or None (tuned table or heuristic).
+Differentiation, vmap, shard_map typing and dtype promotion are `ops`'s.
+
+`interpret=True` runs the same kernels on CPU (tests; `implementation=
+"pallas_interpret"`); the Triton compiler parameters (num_warps, num_stages) are
+ignored there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import contextlib
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -176,42 +183,6 @@ def _poison(shape, dtype):
                   dtype)
 
 
-def _out_struct(shape, dtype, operands) -> tuple[jax.ShapeDtypeStruct, list]:
-  """The output type of a launch, and its operands, made shard_map-aware.
-
-  Under `shard_map(check_vma=True)` (jmoe.parallel) a pallas_call must say over
-  which manual mesh axes its output varies: the union of its operands' axes. The
-  operands are cast to vary over that union too, so the kernel sees one type.
-  Outside shard_map the union is empty and nothing changes.
-  """
-  varying = frozenset()
-  for x in operands:
-    mat = getattr(jax.typeof(x), "mat", None)
-    if mat is not None:
-      varying |= frozenset(mat.varying)
-  if not varying:
-    return jax.ShapeDtypeStruct(shape, dtype), list(operands)
-  axes = tuple(sorted(varying))
-  cast = []
-  for x in operands:
-    missing = tuple(a for a in axes if a not in jax.typeof(x).mat.varying)
-    cast.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
-  mat = jax.sharding.ManualAxisType(varying=varying)
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat), cast
-
-
-def _interpret_vma(interpret: bool):
-  """The interpreter evaluates the kernel body as ordinary JAX ops, under the
-  ambient shard_map's varying-axes check; compiled kernels are traced with that
-  check off (pallas does so itself). Do the same for the interpreter, so CPU tests
-  run the kernels inside jmoe.parallel exactly as the GPU does."""
-  if not interpret:
-    return contextlib.nullcontext()
-  from jax._src import config as jax_config  # noqa: PLC0415
-  return jax_config._check_vma(False)
-
-
-
 def gmm_call(lhs: Array, rhs: Array, table: Array, *, transpose_rhs: bool,
              out_dtype, cfg: GmmConfig, compute_dtype, precision=None,
              interpret: bool = False, poison: bool = False) -> Array:
@@ -234,17 +205,15 @@ def gmm_call(lhs: Array, rhs: Array, table: Array, *, transpose_rhs: bool,
   if poison:
     args.append(_poison((m, n), out_dtype))
     aliases = {3: 0}
-  out_struct, args = _out_struct((m, n), out_dtype, args)
-  with _interpret_vma(interpret):
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_struct,
-        grid=(num_t * pl.cdiv(n, cfg.block_n),),
-        input_output_aliases=aliases,
-        compiler_params=_compiler_params(cfg),
-        interpret=interpret,
-        name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm",
-    )(*args)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(num_t * pl.cdiv(n, cfg.block_n),),
+      input_output_aliases=aliases,
+      compiler_params=_compiler_params(cfg),
+      interpret=interpret,
+      name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm",
+  )(*args)
 
 
 def tgmm_call(lhs: Array, dy: Array, schedule: Array, *, out_dtype,
@@ -267,124 +236,82 @@ def tgmm_call(lhs: Array, dy: Array, schedule: Array, *, out_dtype,
   if poison:
     args.append(_poison(out_shape, out_dtype))
     aliases = {3: 0}
-  out_struct, args = _out_struct(out_shape, out_dtype, args)
-  with _interpret_vma(interpret):
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_struct,
-        grid=(pl.cdiv(kdim, cfg.block_k) * pl.cdiv(n, cfg.block_n), num_local),
-        input_output_aliases=aliases,
-        compiler_params=_compiler_params(cfg),
-        interpret=interpret,
-        name="jmoe_tgmm",
-    )(*args)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      grid=(pl.cdiv(kdim, cfg.block_k) * pl.cdiv(n, cfg.block_n), num_local),
+      input_output_aliases=aliases,
+      compiler_params=_compiler_params(cfg),
+      interpret=interpret,
+      name="jmoe_tgmm",
+  )(*args)
 
 
 # ----------------------------------------------------------------------------
-# custom_vjp
+# The backend interface of `ops` (see `ops.Backend`).
+
+FALLBACK = "xla"  # operand dtypes the kernels do not take (float64) go to XLA
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  out_dtype: Any
-  compute_dtype: Any
-  precision: Any
-  cfg: GmmConfig
-  cfg_t: GmmConfig
-  cfg_tgmm: GmmConfig
-  interpret: bool
-  poison: bool
+def supports_dtype(dtype) -> bool:
+  return jnp.dtype(dtype) in _DTYPES
 
 
-def _forward(lhs, rhs, group_sizes, group_offset, st: _Static):
-  m = lhs.shape[0]
-  tiles = tiling.row_tiles(group_sizes, m, st.cfg.block_m, rhs.shape[0],
-                           group_offset)
-  return gmm_call(lhs, rhs, tiles.table, transpose_rhs=False,
-                  out_dtype=st.out_dtype, cfg=st.cfg,
-                  compute_dtype=st.compute_dtype, precision=st.precision,
-                  interpret=st.interpret, poison=st.poison)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TritonConfig:
+  """This backend's `config` value, when more than the tiles is wanted.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gmm(lhs, rhs, group_sizes, group_offset, st: _Static):
-  return _forward(lhs, rhs, group_sizes, group_offset, st)
-
-
-def _gmm_fwd(lhs, rhs, group_sizes, group_offset, st: _Static):
-  out = _forward(lhs, rhs, group_sizes, group_offset, st)
-  return out, (lhs, rhs, group_sizes, group_offset)
-
-
-def _gmm_bwd(st: _Static, res, dy):
-  lhs, rhs, group_sizes, group_offset = res
-  m = lhs.shape[0]
-  num_local = rhs.shape[0]
-  tiles = tiling.row_tiles(group_sizes, m, st.cfg_t.block_m, num_local,
-                           group_offset)
-  dlhs = gmm_call(dy, rhs, tiles.table, transpose_rhs=True, out_dtype=lhs.dtype,
-                  cfg=st.cfg_t, compute_dtype=st.compute_dtype,
-                  precision=st.precision, interpret=st.interpret,
-                  poison=st.poison)
-  schedule = tiling.group_schedule(group_sizes, m, num_local, group_offset)
-  drhs = tgmm_call(lhs, dy, schedule, out_dtype=rhs.dtype,
-                   cfg=st.cfg_tgmm, compute_dtype=st.compute_dtype,
-                   precision=st.precision, interpret=st.interpret,
-                   poison=st.poison)
-  return dlhs, drhs, None, None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def gmm_pallas(lhs: Array, rhs: Array, group_sizes: Array, *,
-               group_offset: Array | None = None, preferred_element_type=None,
-               precision=None, interpret: bool = False,
-               config: GmmConfig | None = None,
-               config_t: GmmConfig | None = None,
-               config_tgmm: GmmConfig | None = None,
-               poison_outputs: bool = False) -> Array:
-  """Grouped matmul on the Pallas-Triton kernels; differentiable in lhs and rhs.
-
-  Semantics of `jmoe.gmm` (which validates the arguments and calls this).
-
-  Args:
-    lhs: [m, k] rows sorted by group.
-    rhs: [L, k, n], the local groups group_offset .. group_offset + L - 1.
-    group_sizes: int [G] rows per group (all groups).
-    group_offset: int scalar or None.
-    preferred_element_type: output dtype (default: result type of the inputs);
-      accumulation is float32.
-    precision: passed to the in-kernel dots (f32 inputs on GPU: None/DEFAULT is
-      TF32, HIGHEST is full f32).
-    interpret: run the kernels in the Pallas interpreter (CPU).
-    config, config_t, config_tgmm: tiles of the forward, input-gradient and
-      weight-gradient kernels; None selects (`config.select_config`).
-    poison_outputs: testing aid: kernel outputs start as NaN instead of
-      uninitialized memory, so rows a kernel fails to write are caught.
-
-  Returns:
-    [m, n] in preferred_element_type.
+  Attributes:
+    tiles: the kernel's tiles, or None to select them (`config.select_config`).
+    poison_outputs: testing aid: the output starts as NaN instead of uninitialized
+      memory, so rows (or empty groups) a kernel fails to write are caught.
   """
+
+  tiles: GmmConfig | None = None
+  poison_outputs: bool = False
+
+
+def _resolve(config, op: str, m: int, k: int, n: int, num_local: int, dtype,
+             interpret: bool) -> tuple[GmmConfig, bool]:
+  """(tiles fitted to the kernel view m, k, n, poison) from a `config` value:
+  None, a `GmmConfig` or a `TritonConfig`."""
+  if config is None or isinstance(config, GmmConfig):
+    config = TritonConfig(tiles=config)
+  if not isinstance(config, TritonConfig):
+    raise TypeError(f"pallas_triton: config must be None, a GmmConfig or a"
+                    f" TritonConfig; got {config!r}.")
+  if config.tiles is None:
+    tiles = select_config(op, m, k, n, num_local, dtype, interpret=interpret)
+  else:
+    tiles = fit_to_shape(config.tiles, op, m, k, n)
+  return tiles, config.poison_outputs
+
+
+def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
+        transpose_rhs: bool, out_dtype, precision, config=None,
+        interpret: bool = False) -> Array:
+  """The forward kernel ("gmm") or, with transpose_rhs, the input-gradient kernel
+  ("gmm_t"), over `tiling.row_tiles`. `config`: see `_resolve`."""
   m, k = lhs.shape
-  num_local, _, n = rhs.shape
-  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
-  compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
-  if min(m, k, n, num_local) == 0:
-    # Nothing to multiply (no rows, columns, contraction or local groups): zeros,
-    # whose gradients are zeros too.
-    return jnp.zeros((m, n), out_dtype)
+  num_local = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  op = "gmm_t" if transpose_rhs else "gmm"
+  cfg, poison = _resolve(config, op, m, k, n, num_local, lhs.dtype, interpret)
+  tiles = tiling.row_tiles(group_sizes, m, cfg.block_m, num_local, group_offset)
+  return gmm_call(lhs, rhs, tiles.table, transpose_rhs=transpose_rhs,
+                  out_dtype=out_dtype, cfg=cfg, compute_dtype=lhs.dtype,
+                  precision=precision, interpret=interpret, poison=poison)
 
-  def pick(given, op, mm, kk, nn):
-    if given is not None:
-      return fit_to_shape(given, op, mm, kk, nn)
-    return select_config(op, mm, kk, nn, num_local, compute_dtype,
-                         interpret=interpret)
 
-  st = _Static(
-      out_dtype=out_dtype, compute_dtype=compute_dtype, precision=precision,
-      cfg=pick(config, "gmm", m, k, n),
-      cfg_t=pick(config_t, "gmm_t", m, n, k),
-      cfg_tgmm=pick(config_tgmm, "tgmm", m, k, n),
-      interpret=bool(interpret), poison=bool(poison_outputs))
-  return _gmm(lhs, rhs, group_sizes, group_offset, st)
+def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
+         num_local: int, out_dtype, precision, config=None,
+         interpret: bool = False) -> Array:
+  """The weight-gradient kernel over `tiling.group_schedule`."""
+  m, k = lhs.shape
+  n = dy.shape[1]
+  cfg, poison = _resolve(config, "tgmm", m, k, n, num_local, lhs.dtype, interpret)
+  schedule = tiling.group_schedule(group_sizes, m, num_local, group_offset)
+  return tgmm_call(lhs, dy, schedule, out_dtype=out_dtype, cfg=cfg,
+                   compute_dtype=lhs.dtype, precision=precision,
+                   interpret=interpret, poison=poison)

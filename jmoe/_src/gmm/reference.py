@@ -1,7 +1,8 @@
-"""The obviously-right grouped matmul: one dense product per group, masked.
+"""The obviously-right grouped matmul: one dense product per local group, masked.
 
-It does G times the work of a grouped matmul, so it is the oracle of the tests and a
-fallback for tiny problems, never a fast path.
+A backend of `ops` (see `ops.Backend` for the interface). It does L times the work
+of a grouped matmul, so it is an oracle for the tests and a readable statement of
+the semantics, never a fast path. Its default precision is HIGHEST.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+FALLBACK = None
+
+
+def supports_dtype(dtype) -> bool:
+  return jnp.issubdtype(dtype, jnp.floating)
+
 
 def group_ids(group_sizes: Array, num_rows: int) -> Array:
   """int32 [m]: the group of each row; len(group_sizes) for rows past the total."""
@@ -19,26 +26,49 @@ def group_ids(group_sizes: Array, num_rows: int) -> Array:
                           side="right").astype(jnp.int32)
 
 
-def gmm_reference(lhs: Array, rhs: Array, group_sizes: Array, *,
-                  preferred_element_type=None, group_offset: Array | None = None,
-                  precision=jax.lax.Precision.HIGHEST) -> Array:
-  """out[i] = lhs[i] @ rhs[group(i) - group_offset] for rows whose group is local,
-  zeros elsewhere.
+def local_ids(group_sizes: Array, group_offset: Array, num_rows: int) -> Array:
+  """int32 [m]: each row's local group (its group - group_offset); -1 for rows past
+  sum(group_sizes). Rows of non-local groups get values outside [0, L)."""
+  gid = group_ids(group_sizes, num_rows)
+  return jnp.where(gid < group_sizes.shape[0], gid - group_offset, -1)
 
-  lhs: [m, k]; rhs: [g_local, k, n]; group_sizes: int [g_total]; returns [m, n].
-  """
-  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+
+def _precision(precision):
+  return jax.lax.Precision.HIGHEST if precision is None else precision
+
+
+def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
+        transpose_rhs: bool, out_dtype, precision, config=None) -> Array:
+  """out[i] = lhs[i] @ rhs[local(i)] (or @ rhs[local(i)]^T), zeros elsewhere."""
+  del config
   m = lhs.shape[0]
-  g_local = rhs.shape[0]
-  offset = jnp.zeros((), jnp.int32) if group_offset is None else jnp.reshape(
-      group_offset, ()).astype(jnp.int32)
-  gid = group_ids(group_sizes, m) - offset
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  local = local_ids(group_sizes, group_offset, m)
+  dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
   def body(g, acc):
-    prod = jnp.dot(lhs, rhs[g], precision=precision,
-                   preferred_element_type=jnp.float32)
-    return acc + jnp.where((gid == g)[:, None], prod, 0.0)
+    prod = jax.lax.dot_general(lhs, rhs[g], dims, precision=_precision(precision),
+                               preferred_element_type=jnp.float32)
+    return acc + jnp.where((local == g)[:, None], prod, 0.0)
 
-  acc = jax.lax.fori_loop(0, g_local, body,
-                          jnp.zeros((m, rhs.shape[2]), jnp.float32))
+  acc = jax.lax.fori_loop(0, rhs.shape[0], body, jnp.zeros((m, n), jnp.float32))
+  return acc.astype(out_dtype)
+
+
+def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
+         num_local: int, out_dtype, precision, config=None) -> Array:
+  """out[l] = lhs[rows of local group l]^T @ dy[same rows]; [num_local, k, n]."""
+  del config
+  m, k = lhs.shape
+  local = local_ids(group_sizes, group_offset, m)
+
+  def body(g, acc):
+    a = jnp.where((local == g)[:, None], lhs, 0)
+    prod = jax.lax.dot_general(a, dy, (((0,), (0,)), ((), ())),
+                               precision=_precision(precision),
+                               preferred_element_type=jnp.float32)
+    return jax.lax.dynamic_update_index_in_dim(acc, prod, g, 0)
+
+  acc = jax.lax.fori_loop(0, num_local, body,
+                          jnp.zeros((num_local, k, dy.shape[1]), jnp.float32))
   return acc.astype(out_dtype)
