@@ -220,6 +220,39 @@ def pl_ds(start, size):
   return pl.ds(start, size)
 
 
+def _pipeline(plgpu, body, compute_context, *, grid, a_spec, b_spec,
+              cfg: MosaicConfig):
+  """The K pipeline of one work item: the memory warpgroup streams the A and B
+  blocks of `a_spec` / `b_spec` ((shape, index_map, transforms) each) into
+  `max_concurrent_steps` SMEM slots; the compute warpgroups run `body`."""
+  spec = lambda shape, index, tf: plgpu.BlockSpec(
+      shape, index, transforms=tf, memory_space=plgpu.SMEM)
+  return plgpu.emit_pipeline_warp_specialized(
+      body,
+      grid=grid,
+      memory_registers=_MEMORY_REGISTERS,
+      in_specs=[spec(*a_spec), spec(*b_spec)],
+      wg_axis="wg",
+      num_compute_wgs=_NUM_COMPUTE_WGS,
+      max_concurrent_steps=cfg.max_concurrent_steps,
+      compute_context=compute_context,
+  )
+
+
+def _launch(plgpu, body, out_shape, out_dtype, num_sms):
+  """A persistent launch: one CTA of three warpgroups per SM."""
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      grid=(num_sms or _num_sms(),),
+      grid_names=("sm",),
+      num_threads=_NUM_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )
+
+
 # ----------------------------------------------------------------------------
 # Forward and input gradient
 
@@ -245,21 +278,9 @@ def _gmm_kernel(num_ref, table_ref, lhs_gmem, rhs_gmem, out_gmem, *,
   b_index = (lambda k: (0, k)) if transpose_rhs else (lambda k: (k, 0))
 
   def get_pipeline(body, compute_context):
-    return plgpu.emit_pipeline_warp_specialized(
-        body,
-        grid=(k_iters,),
-        memory_registers=_MEMORY_REGISTERS,
-        in_specs=[
-            plgpu.BlockSpec((tile_m, tile_k), lambda k: (0, k), transforms=a_tf,
-                            memory_space=plgpu.SMEM),
-            plgpu.BlockSpec(b_block, b_index, transforms=b_tf,
-                            memory_space=plgpu.SMEM),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=_NUM_COMPUTE_WGS,
-        max_concurrent_steps=cfg.max_concurrent_steps,
-        compute_context=compute_context,
-    )
+    return _pipeline(plgpu, body, compute_context, grid=(k_iters,),
+                     a_spec=((tile_m, tile_k), lambda k: (0, k), a_tf),
+                     b_spec=(b_block, b_index, b_tf), cfg=cfg)
 
   ignore = lambda *_, **__: None
   out_tf = _swizzled(plgpu, epi_n, out_dtype)
@@ -379,16 +400,9 @@ def gmm_call(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
   n_p = rhs_p.shape[n_ax]
   tiles = tiling.row_tiles(group_sizes, m_p, cfg.tile_m, num_local, group_offset,
                            align=_ALIGN)
-  kernel = plgpu.kernel(
-      functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
-      out_type=jax.ShapeDtypeStruct((m_p, n_p), out_dtype),
-      grid=(num_sms or _num_sms(),),
-      grid_names=("sm",),
-      num_threads=_NUM_COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )
+  kernel = _launch(
+      plgpu, functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
+      (m_p, n_p), out_dtype, num_sms)
   out = kernel(tiles.num_tiles.reshape(1), tiles.table, lhs_p, rhs_p)
   if (m_p, n_p) != (m, n):
     out = out[:m, :n]
@@ -418,21 +432,9 @@ def _tgmm_kernel(sched_ref, lhs_gmem, dy_gmem, out_gmem, *, cfg: MosaicConfig):
   b_tf = _swizzled(plgpu, cta_n, dtype)
 
   def get_pipeline(body, compute_context, steps):
-    return plgpu.emit_pipeline_warp_specialized(
-        body,
-        grid=(steps,),
-        memory_registers=_MEMORY_REGISTERS,
-        in_specs=[
-            plgpu.BlockSpec((tile_r, tile_m), lambda s: (s, 0), transforms=a_tf,
-                            memory_space=plgpu.SMEM),
-            plgpu.BlockSpec((tile_r, cta_n), lambda s: (s, 0), transforms=b_tf,
-                            memory_space=plgpu.SMEM),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=_NUM_COMPUTE_WGS,
-        max_concurrent_steps=cfg.max_concurrent_steps,
-        compute_context=compute_context,
-    )
+    return _pipeline(plgpu, body, compute_context, grid=(steps,),
+                     a_spec=((tile_r, tile_m), lambda s: (s, 0), a_tf),
+                     b_spec=((tile_r, cta_n), lambda s: (s, 0), b_tf), cfg=cfg)
 
   ignore = lambda *_, **__: None
   out_tf = _swizzled(plgpu, epi_n, out_dtype)
@@ -527,16 +529,8 @@ def tgmm_call(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
   dy_p = _pad_to(_pad_to(dy, 1, _PAD, cta_n), 0, _ALIGN, cfg.tile_k)
   k_p, n_p = lhs_p.shape[1], dy_p.shape[1]
   sched = tiling.group_schedule(group_sizes, m, num_local, group_offset)
-  kernel = plgpu.kernel(
-      functools.partial(_tgmm_kernel, cfg=cfg),
-      out_type=jax.ShapeDtypeStruct((num_local, k_p, n_p), out_dtype),
-      grid=(num_sms or _num_sms(),),
-      grid_names=("sm",),
-      num_threads=_NUM_COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )
+  kernel = _launch(plgpu, functools.partial(_tgmm_kernel, cfg=cfg),
+                   (num_local, k_p, n_p), out_dtype, num_sms)
   out = kernel(sched, lhs_p, dy_p)
   if (k_p, n_p) != (k, n):
     out = out[:, :k, :n]
