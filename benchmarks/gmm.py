@@ -24,7 +24,8 @@ have rows / time), rel_err, error. The table is printed last; the JSON has
 top-level device, jax_version, date, records.
 
 --autotune times the candidate tile configs of every kernel the selected cases use
-(balanced routing) and merges the best per (device kind, shape class) into
+(balanced routing), for the Triton and the Mosaic backends (--autotune-backends),
+and merges the best per (backend, device kind, shape class) into
 --tuned-out (default: the committed jmoe/_src/gmm/tuned_configs.json). Point
 $JMOE_GMM_TUNED_CONFIGS at a table to benchmark with it.
 """
@@ -366,26 +367,31 @@ HEADER = (f"{'case':<15} {'routing':<9} {'method':<11} {'ms':>9} {'TFLOP/s':>8}"
 
 
 def autotune_cases(specs, *, interpret: bool, budget_s: float, out_path: str,
-                   dtype) -> list[dict[str, Any]]:
-  """Tunes every kernel the cases use (balanced routing); merges the winners into
-  out_path. Returns one record per trial."""
+                   dtype, backends=("triton", "mosaic")) -> list[dict[str, Any]]:
+  """Tunes every kernel the cases use (balanced routing), for each backend in
+  `backends` ("triton", "mosaic"); merges the winners into out_path (one table,
+  Mosaic entries under op names "mosaic:..."). Returns one record per trial."""
   kind = gmm_config._device_kind()  # noqa: SLF001 - same key the lookup uses
-  jobs = []  # (key, op, spec, kernel-view dims)
+  if interpret:
+    backends = [b for b in backends if b != "mosaic"]  # no CPU interpreter
+  jobs = []  # (backend, key, op, spec, kernel-view dims)
   seen = set()
-  for spec in specs:
-    m, k, n, g = spec.rows, spec.k, spec.n, spec.num_groups
-    ops = [("gmm", (m, k, n))]
-    if spec.bwd:
-      ops += [("gmm_t", (m, n, k)), ("tgmm", (m, k, n))]
-    for op, dims in ops:
-      key = gmm_config.shape_key(kind, op, *dims, g, dtype)
-      if key not in seen:
-        seen.add(key)
-        jobs.append((key, op, spec, dims))
+  for backend in backends:
+    prefix = pallas_mosaic_gpu.TUNED_PREFIX if backend == "mosaic" else ""
+    for spec in specs:
+      m, k, n, g = spec.rows, spec.k, spec.n, spec.num_groups
+      ops = [("gmm", (m, k, n))]
+      if spec.bwd:
+        ops += [("gmm_t", (m, n, k)), ("tgmm", (m, k, n))]
+      for op, dims in ops:
+        key = gmm_config.shape_key(kind, prefix + op, *dims, g, dtype)
+        if key not in seen:
+          seen.add(key)
+          jobs.append((backend, key, op, spec, dims))
   per_op = budget_s / max(1, len(jobs))
   log(f"autotune: {len(jobs)} kernels, {per_op:.0f}s each, device {kind}")
   entries, records = {}, []
-  for key, op, spec, (m, kk, nn) in jobs:
+  for backend, key, op, spec, (m, kk, nn) in jobs:
     g = spec.num_groups
     sizes = jnp.asarray(routing_sizes(spec.rows, g, "balanced"))
     keys = jax.random.split(jax.random.key(7), 3)
@@ -397,8 +403,15 @@ def autotune_cases(specs, *, interpret: bool, budget_s: float, out_path: str,
     else:
       b = jax.random.normal(keys[1], (g, kk, nn), dtype)
 
-    def make_run(cfg, op=op, a=a, b=b, m=m, g=g, sizes=sizes):
-      if op == "tgmm":
+    def make_run(cfg, op=op, a=a, b=b, m=m, g=g, sizes=sizes, backend=backend):
+      off = jnp.int32(0)
+      if backend == "mosaic" and op == "tgmm":
+        f = lambda a, b, gs: pallas_mosaic_gpu.tgmm_call(
+            a, b, gs, off, num_local=g, out_dtype=dtype, cfg=cfg)
+      elif backend == "mosaic":
+        f = lambda a, b, gs: pallas_mosaic_gpu.gmm_call(
+            a, b, gs, off, transpose_rhs=op == "gmm_t", out_dtype=dtype, cfg=cfg)
+      elif op == "tgmm":
         def f(a, b, gs):
           return pallas_triton.tgmm_call(
               a, b, tiling.group_schedule(gs, m, g), out_dtype=dtype, cfg=cfg,
@@ -412,12 +425,14 @@ def autotune_cases(specs, *, interpret: bool, budget_s: float, out_path: str,
       fj = jax.jit(f)
       return lambda: fj(a, b, sizes)
 
-    cands = gmm_config.candidate_configs(op, m, kk, nn, g, dtype)
+    space = (pallas_mosaic_gpu.candidate_configs if backend == "mosaic"
+             else gmm_config.candidate_configs)
+    cands = space(op, m, kk, nn, g, dtype)
     log(f"[{key}] {len(cands)} candidates")
     best, trials = gmm_config.autotune(op, make_run, cands, budget_s=per_op,
                                        iters=3 if interpret else 20, log=log)
     for t in trials:
-      records.append(dict(method="autotune", key=key, op=op, **t))
+      records.append(dict(method="autotune", backend=backend, key=key, op=op, **t))
     if best is not None:
       best_ms = min(t["ms"] for t in trials if "ms" in t)
       heur_ms = trials[0].get("ms")
@@ -458,6 +473,8 @@ def parse_args(argv):
                  help="tune tile configs instead of benchmarking")
   p.add_argument("--tuned-out", default=gmm_config.TUNED_PATH)
   p.add_argument("--autotune-budget-s", type=float, default=420.0)
+  p.add_argument("--autotune-backends", nargs="*", default=["triton", "mosaic"],
+                 help="kernel families to tune (triton, mosaic)")
   p.add_argument("--verbose", action="store_true")
   return p.parse_args(argv)
 
@@ -494,6 +511,7 @@ def main(argv=None):
   records = []
   if args.autotune:
     records = autotune_cases(specs, interpret=interpret,
+                             backends=args.autotune_backends,
                              budget_s=args.autotune_budget_s,
                              out_path=args.tuned_out, dtype=dtype)
   else:

@@ -77,3 +77,25 @@ def test_padding_to_blocks():
   assert y.shape == (5, 256) and float(y[:, 200:].sum()) == 0.0
   assert pm._pad_to(x, 0, 8, minimum=64).shape == (64, 200)
   assert pm._pad_to(x, 1, 8) is x or pm._pad_to(x, 1, 8).shape == (5, 200)
+
+
+def test_candidates_start_with_the_heuristic_and_are_distinct():
+  for op in ("gmm", "gmm_t", "tgmm"):
+    cands = pm.candidate_configs(op, 16384, 4096, 14336, 8, BF16)
+    assert cands[0] == pm.heuristic_config(op, 16384, 4096, 14336, 8, BF16)
+    assert len(set(cands)) == len(cands) > 5
+
+
+def test_tuned_table_entry_is_used(tmp_path, monkeypatch):
+  from jmoe._src.gmm import config as gmm_config
+  tuned = pm.MosaicConfig(tile_m=64, tile_n=64, max_concurrent_steps=5,
+                          grid_tile_width=4)
+  key = gmm_config.shape_key(gmm_config._device_kind(), pm.TUNED_PREFIX + "gmm",
+                             1000, 256, 384, 8, BF16)
+  path = str(tmp_path / "tuned.json")
+  gmm_config.save_tuned({key: dict(tuned.to_dict(), ms=1.0)}, path)
+  monkeypatch.setenv(gmm_config.TUNED_ENV, path)
+  assert pm.select_config("gmm", 1000, 256, 384, 8, BF16) == tuned
+  # Other ops and shape classes keep the heuristic.
+  assert pm.select_config("tgmm", 1000, 256, 384, 8, BF16) == pm.heuristic_config(
+      "tgmm", 1000, 256, 384, 8, BF16)

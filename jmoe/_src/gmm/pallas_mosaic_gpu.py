@@ -541,10 +541,46 @@ def tgmm_call(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
 # Backend interface (jmoe/_src/gmm/ops.py)
 
 
+# Tuned entries share `config.py`'s table, under op names with this prefix.
+TUNED_PREFIX = "mosaic:"
+
+
+def candidate_configs(op: str, m: int, k: int, n: int, num_groups: int,
+                      dtype) -> list[MosaicConfig]:
+  """The heuristic first, then its neighbours (`benchmarks.gmm --autotune`).
+  Configs over the shared-memory budget fail to compile and are skipped there."""
+  h = heuristic_config(op, m, k, n, num_groups, dtype)
+  cands = [h]
+  cands += [h.replace(grid_tile_width=w) for w in (1, 4, 8, 16, 32)]
+  cands += [h.replace(max_concurrent_steps=s) for s in (3, 5)]
+  cands += [h.replace(tile_m=64), h.replace(tile_n=64),
+            h.replace(tile_m=64, max_concurrent_steps=6)]
+  seen, out = set(), []
+  for c in cands:
+    if c not in seen:
+      seen.add(c)
+      out.append(c)
+  return out
+
+
+def select_config(op: str, m: int, k: int, n: int, num_groups: int,
+                  dtype) -> MosaicConfig:
+  """The tuned config for this device and shape class if recorded (the shared
+  tuned table), else the heuristic."""
+  from jmoe._src.gmm import config as gmm_config  # noqa: PLC0415
+  entry = gmm_config.tuned_table().get(gmm_config.shape_key(
+      gmm_config._device_kind(), TUNED_PREFIX + op, m, k, n, num_groups,  # noqa: SLF001
+      dtype))
+  if entry is not None:
+    fields = {f.name for f in dataclasses.fields(MosaicConfig)}
+    return MosaicConfig(**{a: b for a, b in entry.items() if a in fields})
+  return heuristic_config(op, m, k, n, num_groups, dtype)
+
+
 def _pick(config, op, m, k, n, num_groups, dtype) -> MosaicConfig:
   if isinstance(config, MosaicConfig):
     return config
-  return heuristic_config(op, m, k, n, num_groups, dtype)
+  return select_config(op, m, k, n, num_groups, dtype)
 
 
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs: bool, out_dtype,
