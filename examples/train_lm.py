@@ -387,6 +387,21 @@ def _write_history(path: str, records: list[dict]) -> None:
       f.write(json.dumps(r) + "\n")
 
 
+def _fit_ylim(values) -> tuple[float, float]:
+  """y-limits that hold every finite value, with 5% of the range as margin."""
+  v = np.asarray([x for x in values if x is not None and math.isfinite(x)], float)
+  if not v.size:
+    return 0.0, 1.0
+  lo, hi = float(v.min()), float(v.max())
+  pad = 0.05 * (hi - lo) or 0.05 * max(abs(hi), 1.0)
+  bottom = max(lo - pad, 0.0) if lo >= 0 else lo - pad  # bits are never negative
+  return bottom, hi + pad
+
+
+def _bpb_values(history: list[dict]) -> list[float]:
+  return [r[k] for r in history for k in ("train_bpb", "heldout_bpb") if k in r]
+
+
 def plot_run(history: list[dict], run_dir: str, *, baseline: float,
              title: str) -> list[str]:
   """loss.png (train and held-out bits/byte) and, for MoE, experts.png."""
@@ -406,7 +421,7 @@ def plot_run(history: list[dict], run_dir: str, *, baseline: float,
   ax.axhline(baseline, color="gray", ls="--",
              label=f"held-out unigram entropy {baseline:.2f}")
   ax.set(xlabel="step", ylabel="bits per byte", title=title,
-         ylim=(0, max(baseline + 1.0, 3.5)))
+         ylim=_fit_ylim(_bpb_values(history) + [baseline]))
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -417,6 +432,7 @@ def plot_run(history: list[dict], run_dir: str, *, baseline: float,
   shares = [r for r in train if r.get("expert_share")]
   if shares:
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
     steps = np.array([r["step"] for r in shares])
     share = np.array([r["expert_share"] for r in shares])  # [n, layers, E]
     layers, experts = share.shape[1], share.shape[2]
@@ -435,6 +451,7 @@ def plot_run(history: list[dict], run_dir: str, *, baseline: float,
       mesh = ax.pcolormesh(steps, np.arange(experts), share[:, i, :].T,
                            shading="nearest", norm=norm, cmap="RdBu_r")
       ax.set_ylabel(f"layer {i}\nexpert", fontsize=8)
+      ax.yaxis.set_major_locator(MaxNLocator(integer=True))
       ax.tick_params(labelsize=7)
     for c in range(cols):
       axes[rows - 1][c].set_xlabel("step")
@@ -461,8 +478,9 @@ def plot_compare(runs: dict[str, list[dict]], path: str, *, baseline: float,
     ax.plot([r["step"] for r in evals], [r["heldout_bpb"] for r in evals], "o-",
             color=color, label=f"{name} held-out")
   ax.axhline(baseline, color="gray", ls="--", label=f"unigram {baseline:.2f}")
+  values = [v for history in runs.values() for v in _bpb_values(history)]
   ax.set(xlabel="step", ylabel="bits per byte", title=title,
-         ylim=(0, max(baseline + 1.0, 3.5)))
+         ylim=_fit_ylim(values + [baseline]))
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()

@@ -9,6 +9,7 @@ import os
 import sys
 
 import jax
+import matplotlib.figure
 import numpy as np
 import pytest
 
@@ -66,7 +67,38 @@ def test_dense_twin_has_the_same_active_flops():
   assert w.dtype == np.float32  # float32 params, bf16 activations
 
 
-def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path):
+@pytest.fixture
+def plot_limits(monkeypatch):
+  """{file name: [(xlim, ylim) of each plotting axes]} of every figure saved."""
+  saved = {}
+  savefig = matplotlib.figure.Figure.savefig
+
+  def record(fig, path, *args, **kwargs):
+    saved[os.path.basename(path)] = [
+        (ax.get_xlim(), ax.get_ylim()) for ax in fig.axes
+        if ax.has_data() and ax.get_label() != "<colorbar>"]
+    return savefig(fig, path, *args, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+  return saved
+
+
+def _assert_loss_plot_fits(limits, history, baseline):
+  """Finite limits that hold every logged point (and the unigram line)."""
+  ((x0, x1), (y0, y1)), = limits
+  assert all(map(math.isfinite, (x0, x1, y0, y1))), limits
+  points = [(r["step"], r[k]) for r in history
+            for k in ("train_bpb", "heldout_bpb") if k in r]
+  assert points
+  for x, y in points:
+    assert x0 <= x <= x1 and y0 <= y <= y1, ((x, y), limits)
+  assert y0 <= baseline <= y1
+  # Fitted, not merely containing: the points span most of the height.
+  ys = [y for _, y in points] + [baseline]
+  assert max(ys) - min(ys) > 0.8 * (y1 - y0), (ys, limits)
+
+
+def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path, plot_limits):
   run = train_lm.train(CFG, str(tmp_path), progress=False, measure_matmul=False)
   r = run.results
   assert r["steps"] == CFG.steps == int(run.state["step"])
@@ -86,6 +118,13 @@ def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path):
   np.testing.assert_allclose(share.sum(-1), 1.0, atol=1e-4)
   for name in ("loss.png", "experts.png", "results.json", "metrics.jsonl"):
     assert (tmp_path / name).stat().st_size > 0, name
+  # The axes fit the data: every point of loss.png lies inside its limits
+  # (ci-smoke's losses, ~7-9 bits per byte, were once all above the y-limit).
+  _assert_loss_plot_fits(plot_limits["loss.png"], run.history,
+                         r["unigram_bits_per_byte"])
+  assert len(plot_limits["experts.png"]) == CFG.num_layers
+  for (x0, x1), _ in plot_limits["experts.png"]:  # every logged step shows
+    assert x0 <= CFG.log_every and x1 >= CFG.steps
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["heldout_bits_per_byte"] == r["heldout_bits_per_byte"]
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["4", "8"]
@@ -118,10 +157,11 @@ def test_resume_continues_exactly(tmp_path):
                    resume=True, progress=False, plots=False, measure_matmul=False)
 
 
-def test_compare_command_line(tmp_path):
+def test_compare_command_line(tmp_path, plot_limits):
   out = tmp_path / "out" / "cmp.json"
+  run_dir = str(tmp_path / "run")
   res = train_lm.main(["--preset", "ci-smoke", "--compare",
-                       "--run-dir", str(tmp_path / "run"), "--out-json", str(out),
+                       "--run-dir", run_dir, "--out-json", str(out),
                        "--no-progress"])
   saved = json.loads(out.read_text())
   assert saved["comparison"] == res["comparison"]
@@ -133,6 +173,10 @@ def test_compare_command_line(tmp_path):
   for key in ("mfu_vs_989_tflops", "mfu_vs_measured_matmul", "tokens_per_s",
               "compile_s", "wall_clock_s", "jax_version", "device_kind", "date"):
     assert saved["moe"][key] is not None, key
+  both = [json.loads(line) for mode in ("moe", "dense")
+          for line in open(os.path.join(run_dir, mode, "metrics.jsonl"))]
+  _assert_loss_plot_fits(plot_limits["compare.png"], both,
+                         res["comparison"]["unigram_bits_per_byte"])
   names = sorted(os.listdir(out.parent))
   assert names == ["cmp.json", "cmp_compare.png", "cmp_dense_loss.png",
                    "cmp_moe_experts.png", "cmp_moe_loss.png"], names
