@@ -46,8 +46,10 @@ FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B):
 N_active: parameters touched per token, i.e. all but the embedding table, with each
 MoE layer's expert weights counted top_k / num_experts (the router counted in full).
 The attention term counts the full S x S score matrix (no causal halving), forward
-and backward. MFU = tokens/s * FLOPs per token / peak, against 989 TFLOP/s (H100/H200
-dense bf16) and against a dense matmul rate measured in the same run.
+and backward. MFU = tokens/s * FLOPs per token / ceiling, against two ceilings of the
+device the run used: its datasheet dense peak for the run's dtype where `PEAK_TFLOPS`
+knows the device (H100/H200 bf16: 989 TFLOP/s; none for CPUs, so no such MFU there),
+and a dense matmul in the run's dtype measured in the same process.
 """
 
 from __future__ import annotations
@@ -84,7 +86,16 @@ except ImportError:  # not installed: run from a checkout
   import jmoe  # noqa: E402
 import jmoe.nn as jnn  # noqa: E402
 
-PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16 datasheet rate
+# Datasheet dense (no sparsity) bf16/f16 tensor-core peaks, TFLOP/s, by exact
+# `device_kind`. Devices not listed (CPUs included) get no datasheet MFU, only the
+# one against the matmul measured in the run.
+PEAK_TFLOPS = {
+    "NVIDIA H200": 989.0,
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+}
 LN2 = math.log(2.0)
 
 
@@ -494,6 +505,14 @@ def plot_compare(runs: dict[str, list[dict]], path: str, *, baseline: float,
 # ------------------------------------------------------------------------------
 
 
+def peak_tflops(device_kind: str, dtype) -> float | None:
+  """The device's datasheet dense peak for `dtype` (TFLOP/s), or None if unknown
+  (CPUs, unlisted GPUs, dtypes other than bf16 / f16)."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return None
+  return PEAK_TFLOPS.get(device_kind)
+
+
 @functools.lru_cache(maxsize=4)
 def matmul_tflops(dtype, n: int | None = None, reps: int = 10) -> dict:
   """Dense matmul rate measured here: n^3 in `dtype` (8192 on GPU, 1024 else),
@@ -847,6 +866,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   mm = matmul_tflops(jnp.dtype(cfg.dtype)) if measure_matmul else None
   achieved = tokens_per_s * fpt
   dev = jax.devices()[0]
+  peak = peak_tflops(dev.device_kind, cfg.dtype)
   results = dict(
       device_kind=dev.device_kind, platform=dev.platform,
       num_devices=jax.device_count(), jax_version=jax.__version__,
@@ -870,16 +890,22 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
       **counts, flops_per_token=fpt,
       flops_formula="6*params_active + 12*num_layers*num_heads*head_dim*seq_len",
       achieved_tflops=achieved / 1e12,
-      mfu_vs_989_tflops=achieved / PEAK_BF16_FLOPS,
+      peak_tflops=peak,
+      mfu_vs_peak=achieved / (peak * 1e12) if peak else None,
       matmul=mm,
       mfu_vs_measured_matmul=achieved / (mm["tflops"] * 1e12) if mm else None,
       plots=plot_paths)
   with open(os.path.join(run_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
-  mfu = f"MFU {results['mfu_vs_989_tflops'] * 100:.3g}% of 989 TFLOP/s"
+  ceilings = []
+  if peak:
+    ceilings.append(f"{results['mfu_vs_peak'] * 100:.3g}% of the {dev.device_kind}'s"
+                    f" {peak:.0f} TFLOP/s {cfg.dtype} peak")
   if mm:
-    mfu += (f", {results['mfu_vs_measured_matmul'] * 100:.3g}% of the measured"
-            f" {mm['tflops']:.3g} TFLOP/s {mm['dtype']} matmul")
+    ceilings.append(f"{results['mfu_vs_measured_matmul'] * 100:.3g}% of the"
+                    f" {mm['tflops']:.3g} TFLOP/s {mm['dtype']} matmul measured here")
+  mfu = ("MFU " + ", ".join(ceilings) if ceilings else
+         f"no MFU (no datasheet peak for {dev.device_kind}, no matmul measured)")
   say(f"[{mode}] done: step {final_step}, held-out {heldout:.3f} bits/byte"
       f" (unigram {baseline:.3f}), {tokens_per_s / 1e3:.1f}k tok/s"
       f" ({achieved / 1e12:.3g} TFLOP/s), {mfu}; wall"
@@ -987,7 +1013,9 @@ def main(argv: list[str] | None = None) -> dict:
       heldout_bpb_gain=r_d["heldout_bits_per_byte"] - r_m["heldout_bits_per_byte"],
       unigram_bits_per_byte=r_m["unigram_bits_per_byte"],
       tokens_per_s_moe=r_m["tokens_per_s"], tokens_per_s_dense=r_d["tokens_per_s"],
-      mfu_moe=r_m["mfu_vs_989_tflops"], mfu_dense=r_d["mfu_vs_989_tflops"]))
+      mfu_moe=r_m["mfu_vs_peak"], mfu_dense=r_d["mfu_vs_peak"],
+      mfu_vs_measured_matmul_moe=r_m["mfu_vs_measured_matmul"],
+      mfu_vs_measured_matmul_dense=r_d["mfu_vs_measured_matmul"]))
   print(json.dumps(out["comparison"], indent=1))
   if not args.no_plots:
     compare_png = plot_compare(

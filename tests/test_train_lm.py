@@ -128,6 +128,10 @@ def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path, plot_limits):
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["heldout_bits_per_byte"] == r["heldout_bits_per_byte"]
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["4", "8"]
+  # No datasheet peak for a CPU, so no MFU against one (nor a matmul, not asked).
+  if jax.devices()[0].platform == "cpu":
+    assert r["peak_tflops"] is None and r["mfu_vs_peak"] is None
+  assert r["mfu_vs_measured_matmul"] is None
   # A fresh run refuses to overwrite checkpoints.
   with pytest.raises(FileExistsError):
     train_lm.train(CFG, str(tmp_path), progress=False, plots=False,
@@ -157,12 +161,12 @@ def test_resume_continues_exactly(tmp_path):
                    resume=True, progress=False, plots=False, measure_matmul=False)
 
 
-def test_compare_command_line(tmp_path, plot_limits):
+def test_compare_command_line(tmp_path, capsys, plot_limits):
   out = tmp_path / "out" / "cmp.json"
   run_dir = str(tmp_path / "run")
   res = train_lm.main(["--preset", "ci-smoke", "--compare",
-                       "--run-dir", run_dir, "--out-json", str(out),
-                       "--no-progress"])
+                       "--run-dir", run_dir, "--out-json", str(out)])
+  lines = capsys.readouterr().out.splitlines()
   saved = json.loads(out.read_text())
   assert saved["comparison"] == res["comparison"]
   assert saved["moe"]["mode"] == "moe" and saved["dense"]["mode"] == "dense"
@@ -170,9 +174,25 @@ def test_compare_command_line(tmp_path, plot_limits):
   assert saved["moe"]["tokens_seen"] == saved["dense"]["tokens_seen"]
   assert saved["moe"]["flops_per_token"] == pytest.approx(
       saved["dense"]["flops_per_token"], rel=0.02)
-  for key in ("mfu_vs_989_tflops", "mfu_vs_measured_matmul", "tokens_per_s",
+  for key in ("mfu_vs_measured_matmul", "tokens_per_s", "matmul",
               "compile_s", "wall_clock_s", "jax_version", "device_kind", "date"):
     assert saved["moe"][key] is not None, key
+  # MFU only against ceilings of this device: a matmul measured here, and its
+  # datasheet peak where train_lm knows one (none for a CPU; 989 TFLOP/s is an
+  # H100/H200's).
+  assert saved["moe"]["matmul"]["n"] > 0 and saved["moe"]["matmul"]["tflops"] > 0
+  assert saved["comparison"]["mfu_vs_measured_matmul_moe"] > 0
+  device = jax.devices()[0]
+  peak = train_lm.peak_tflops(device.device_kind, CFG.dtype)
+  assert saved["moe"]["peak_tflops"] == peak
+  done = [line for line in lines if line.startswith("[moe] done:")]
+  assert len(done) == 1 and "matmul measured here" in done[0], lines
+  if device.platform == "cpu":
+    assert peak is None and saved["comparison"]["mfu_moe"] is None
+    assert not any("989" in line for line in lines), done
+  assert train_lm.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+  assert train_lm.peak_tflops("NVIDIA H200", "float32") is None
+  assert train_lm.peak_tflops("cpu", "bfloat16") is None
   both = [json.loads(line) for mode in ("moe", "dense")
           for line in open(os.path.join(run_dir, mode, "metrics.jsonl"))]
   _assert_loss_plot_fits(plot_limits["compare.png"], both,
