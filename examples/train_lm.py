@@ -37,7 +37,13 @@ byte on a fixed subset of held-out windows) is jitted too.
 
 Checkpoints (orbax): params, optimizer state, step, PRNG key and data position. The
 data order is a pure function of (seed, step), so `--resume` continues a killed run
-exactly (tests/test_train_lm.py checks bitwise equality).
+exactly (tests/test_train_lm.py checks bitwise equality). Any change of the model
+or optimisation on resumption is refused.
+
+The run directory (default: a fresh /tmp/jmoe_train_lm/<preset>-<time>) is printed
+at the start and the end. Mistakes in the command (a bad value, --resume with no
+checkpoint or a different configuration, a fresh run into a used run directory) end
+in one line on stderr and exit code 2, not a traceback.
 
 FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B):
 
@@ -179,6 +185,9 @@ class Config:
 _LOOP_FIELDS = ("log_every", "eval_every", "eval_batches", "ckpt_every",
                 "time_budget_s")
 _RESUMABLE_FIELDS = _LOOP_FIELDS + ("gmm_implementation",)
+
+class UsageError(ValueError):
+  """A mistake in how a run was asked for; `main` prints it in one line, exit 2."""
 
 PRESETS: dict[str, Config] = {
     # A few steps of a tiny model: tests (one compile of each model per process).
@@ -352,26 +361,51 @@ def _checkpoint_manager(run_dir: str):
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
-def _save(mngr, state, cfg: Config) -> None:
+def _save(mngr, state, cfg: Config, preset: str) -> None:
   import orbax.checkpoint as ocp
   step = int(state["step"])
   meta = dict(step=step, data_position=int(state["data_position"]),
-              config=_config_dict(cfg))
+              config=_config_dict(cfg), preset=preset)
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def _restore(mngr, state, cfg: Config):
+def saved_meta(run_dir: str) -> dict | None:
+  """The latest checkpoint's metadata in `run_dir` (step, data_position, config,
+  preset), or None when it holds no checkpoint."""
+  ckpt_dir = os.path.join(run_dir, "ckpt")
+  if not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
+    return None
   import orbax.checkpoint as ocp
-  step = mngr.latest_step()
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-  saved, now = meta["meta"]["config"], _config_dict(cfg)
+  mngr = _checkpoint_manager(run_dir)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    return mngr.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    mngr.close()
+
+
+def _check_resumable(meta: dict, cfg: Config, preset: str) -> None:
+  """Raises UsageError unless `cfg` may continue the checkpoint of `meta`."""
+  saved, now = meta["config"], _config_dict(cfg)
   diff = sorted(k for k in set(saved) | set(now)
                 if k not in _RESUMABLE_FIELDS and saved.get(k) != now.get(k))
   if diff:
-    raise ValueError(
-        f"train_lm: --resume with a different configuration ({diff}: saved"
-        f" {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]}).")
+    was = meta.get("preset")
+    hint = (f" (the run began as --preset {was})" if was and was != preset else "")
+    changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+                        for k in diff)
+    raise UsageError(
+        f"--resume with a different configuration{hint}: {changes}. Only the loop"
+        " options may change on resumption.")
+
+
+def _restore(mngr, state):
+  import orbax.checkpoint as ocp
+  step = mngr.latest_step()
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))
@@ -679,6 +713,17 @@ def _first_call_ok(cfg, graphdef, state, batch, eval_batch):
   return train_c, eval_c, compile_s, first_run_s
 
 
+def run_files(run_dir: str) -> list[str]:
+  """The files of an earlier run in `run_dir` (checkpoints, metrics, results)."""
+  found = []
+  if os.path.isdir(os.path.join(run_dir, "ckpt")) and os.listdir(
+      os.path.join(run_dir, "ckpt")):
+    found.append("ckpt/")
+  found += [n for n in ("metrics.jsonl", "results.json")
+            if os.path.exists(os.path.join(run_dir, n))]
+  return found
+
+
 def train(cfg: Config, run_dir: str, *, resume: bool = False,
           stop_at: int | None = None, progress: bool = True, plots: bool = True,
           measure_matmul: bool = True, preset: str = "custom") -> Run:
@@ -688,6 +733,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
     cfg: the configuration; `cfg.steps` is the schedule's length.
     run_dir: checkpoints (ckpt/), metrics.jsonl, results.json and the plots.
     resume: continue from the latest checkpoint in run_dir (fresh if none).
+      Without `resume`, a run_dir holding an earlier run is refused (UsageError).
     stop_at: stop (with a checkpoint) after this global step instead of
       cfg.steps, as if killed there; the schedule still spans cfg.steps.
     progress: show the progress bar and messages.
@@ -698,13 +744,15 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   t_start = time.perf_counter()
   say = print if progress else (lambda *a, **k: None)
   os.makedirs(run_dir, exist_ok=True)
-  ckpt_dir = os.path.join(run_dir, "ckpt")
   history_path = os.path.join(run_dir, "metrics.jsonl")
-  if not resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise FileExistsError(
-        f"train_lm: {ckpt_dir} holds checkpoints; pass --resume to continue, or"
-        " choose a fresh --run-dir.")
   mode = "dense" if cfg.dense else "moe"
+  meta = saved_meta(run_dir) if resume else None
+  if meta is not None:
+    _check_resumable(meta, cfg, preset)
+  elif not resume and (used := run_files(run_dir)):
+    raise UsageError(
+        f"{run_dir} holds an earlier run ({', '.join(used)}); pass --resume to"
+        " continue it, or choose a fresh --run-dir (or delete that one).")
 
   # Data.
   corpus = lm_data.load_corpus(cfg.seq_len, sources=tuple(cfg.sources),
@@ -743,11 +791,11 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
       f" {fpt / 1e6:.1f} MFLOP per token; initialised in {init_s:.1f}s")
   mngr = _checkpoint_manager(run_dir)
   history: list[dict] = []
-  if resume and mngr.latest_step() is not None:
-    state = _restore(mngr, state, cfg)
+  if meta is not None:
+    state = _restore(mngr, state)
     history = _read_history(history_path, int(state["step"]))
-    say(f"[{mode}] resumed at step {int(state['step'])} (data position"
-        f" {int(state['data_position'])})")
+    say(f"[{mode}] resumed at step {int(state['step'])} of {cfg.steps} (data"
+        f" position {int(state['data_position'])})")
   _write_history(history_path, history)
   start = int(state["step"])
   end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
@@ -766,10 +814,17 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
         cfg, graphdef, state, batch_at(start), eval_set[0])
   except Exception as e:  # noqa: BLE001
     if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-      raise RuntimeError(
-          f"train_lm: the {mode} step does not fit in device memory at batch"
+      raise UsageError(
+          f"the {mode} step does not fit in device memory at batch"
           f" {cfg.batch_size} x {cfg.seq_len}; try --batch-size"
           f" {max(cfg.batch_size // 2, 1)}.") from e
+    if (not cfg.dense and cfg.gmm_implementation is not None
+        and gmm_used not in ("xla", "reference")):
+      first_line = (str(e).strip().splitlines() or [""])[0][:300]
+      raise UsageError(
+          f"--gmm {gmm_used} failed on the first step on"
+          f" {jax.devices()[0].platform} ({type(e).__name__}: {first_line});"
+          " choose another --gmm (xla runs everywhere).") from e
     if cfg.dense or cfg.gmm_implementation is not None or gmm_used == "xla":
       raise
     say(f"[{mode}] WARNING: gmm implementation {gmm_used!r} failed on the first"
@@ -841,7 +896,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
     if cfg.ckpt_every >= 0 and ((cfg.ckpt_every > 0 and s % cfg.ckpt_every == 0)
                                 or is_last or stopped_early):
       t0 = time.perf_counter()
-      _save(mngr, state, cfg)  # async: blocks only for the device-to-host copy
+      _save(mngr, state, cfg, preset)  # async: blocks only for the device-to-host copy
       ckpt_s += time.perf_counter() - t0
     t_interval, steps_interval = time.perf_counter(), 0
     if stopped_early:
@@ -930,26 +985,64 @@ def _copy_plots(paths: list[str], out_json: str, prefix: str) -> list[str]:
   return copied
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose mistakes raise UsageError (one line, exit 2) instead of
+  printing the usage block."""
+
+  def error(self, message):
+    raise UsageError(f"{message} (see --help)")
+
+
+def _int_at_least(lo: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < lo:
+      raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+    return value
+  parse.__name__ = f"integer >= {lo}"
+  return parse
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+  return value
+
+
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
-  p.add_argument("--steps", type=int, help="schedule length (total steps)")
+  """The command line; returns the results. Mistakes raise UsageError (the
+  script prints it in one line and exits with code 2)."""
+  p = _Parser(description=__doc__.split("\n")[0])
+  p.add_argument("--preset", choices=sorted(PRESETS),
+                 help="default: cpu-tiny, or on --resume the run's own")
+  p.add_argument("--steps", type=_int_at_least(1),
+                 help="total steps, the schedule's length; on --resume default the"
+                 " run's own")
   p.add_argument("--run-dir",
                  help="default: a new /tmp/jmoe_train_lm/<preset>[-dense|-compare]-<time>;"
                  " --resume needs the run's --run-dir")
-  p.add_argument("--resume", action="store_true")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the run in --run-dir from its latest checkpoint")
   p.add_argument("--dense", action="store_true",
                  help="dense baseline: FFN width d_ff*top_k (+shared)")
   p.add_argument("--compare", action="store_true",
                  help="MoE then dense, same steps/tokens, in run-dir/{moe,dense}")
-  p.add_argument("--eval-every", type=int)
-  p.add_argument("--ckpt-every", type=int)
-  p.add_argument("--log-every", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--batch-size", type=int, help="sequences per step")
-  p.add_argument("--seq-len", type=int, help="bytes per sequence")
-  p.add_argument("--lr", type=float, help="peak learning rate")
-  p.add_argument("--time-budget", type=float, help="seconds per run (safety stop)")
+  p.add_argument("--eval-every", type=_int_at_least(0), help="0: only at the end")
+  p.add_argument("--ckpt-every", type=int, help="0: only at the end; < 0: none")
+  p.add_argument("--log-every", type=_int_at_least(1))
+  p.add_argument("--seed", type=_int_at_least(0))
+  p.add_argument("--batch-size", type=_int_at_least(1), help="sequences per step")
+  p.add_argument("--seq-len", type=_int_at_least(1), help="bytes per sequence")
+  p.add_argument("--lr", type=_positive_float, help="peak learning rate")
+  p.add_argument("--time-budget", type=_positive_float,
+                 help="seconds per run (safety stop)")
   p.add_argument("--gmm", choices=jmoe.GMM_IMPLEMENTATIONS,
                  help="grouped-matmul backend (default: jmoe's for the device)")
   p.add_argument("--no-plots", action="store_true")
@@ -957,25 +1050,61 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--out-json", help="results JSON; plots are copied beside it")
   args = p.parse_args(argv)
 
+  if args.dense and args.compare:
+    raise UsageError("--dense and --compare exclude each other (--compare trains"
+                     " both models).")
+  # On --resume, the run's own preset, mode and length are the defaults.
+  meta = None
+  if args.resume:
+    if not args.run_dir:
+      raise UsageError("--resume needs --run-dir: the directory of the run to"
+                       " continue.")
+    if not os.path.isdir(args.run_dir):
+      raise UsageError(f"--run-dir {args.run_dir} does not exist: no run to resume.")
+    first = os.path.join(args.run_dir, "moe") if args.compare else args.run_dir
+    meta = saved_meta(first)
+    if meta is None:
+      raise UsageError(
+          f"{first} holds no checkpoint to resume from (no ckpt/ or an empty one);"
+          " drop --resume to start a fresh run in a fresh --run-dir.")
+  preset = args.preset or (meta or {}).get("preset") or "cpu-tiny"
+  if preset not in PRESETS:  # a checkpoint of a preset this file no longer has
+    raise UsageError(f"the run in {args.run_dir} used --preset {preset}, which this"
+                     f" train_lm lacks; pass one of {', '.join(sorted(PRESETS))}.")
   overrides = dict(steps=args.steps, eval_every=args.eval_every,
                    ckpt_every=args.ckpt_every, log_every=args.log_every,
                    seed=args.seed, time_budget_s=args.time_budget,
                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                    gmm_implementation=args.gmm)
-  cfg = dataclasses.replace(PRESETS[args.preset],
+  if meta is not None and args.steps is None:
+    overrides["steps"] = meta["config"]["steps"]
+  is_dense = args.dense or bool(meta and meta["config"]["dense"] and not args.compare)
+  cfg = dataclasses.replace(PRESETS[preset],
                             **{k: v for k, v in overrides.items() if v is not None})
-  suffix = "-compare" if args.compare else "-dense" if args.dense else ""
-  if args.resume and not args.run_dir:
-    p.error("--resume needs --run-dir: the directory of the run to continue")
+  suffix = "-compare" if args.compare else "-dense" if is_dense else ""
   # A fresh default directory per run: running the command twice never collides
-  # with the checkpoints of an earlier run (which a fresh run refuses to reuse).
+  # with an earlier run (which a fresh run refuses to reuse).
   stamp = time.strftime("%Y%m%d-%H%M%S")
   run_dir = args.run_dir or os.path.join("/tmp/jmoe_train_lm",
-                                         f"{args.preset}{suffix}-{stamp}")
-  kw = dict(progress=not args.no_progress, plots=not args.no_plots,
-            preset=args.preset)
+                                         f"{preset}{suffix}-{stamp}")
+  kw = dict(progress=not args.no_progress, plots=not args.no_plots, preset=preset)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
-        f" ({jax.device_count()} device(s)); preset {args.preset}")
+        f" ({jax.device_count()} device(s)); preset {preset}")
+  print(f"run dir: {run_dir}", flush=True)
+  try:
+    out = _run(args, cfg, run_dir, is_dense, kw)
+  except KeyboardInterrupt:
+    print(f"\ntrain_lm: interrupted; {run_dir} keeps the checkpoints written so"
+          f" far: continue with --run-dir {run_dir} --resume", file=sys.stderr)
+    raise SystemExit(130) from None
+  resume_hint = (f" (continue it: --run-dir {run_dir} --resume)"
+                 if cfg.ckpt_every >= 0 else "")
+  print(f"run dir: {run_dir}{resume_hint}", flush=True)
+  return out
+
+
+def _run(args, cfg: Config, run_dir: str, is_dense: bool, kw: dict) -> dict:
+  """The run(s) that `main` asked for; returns the results."""
 
   def write(out: dict) -> None:
     if args.out_json:
@@ -985,7 +1114,7 @@ def main(argv: list[str] | None = None) -> dict:
       print(f"wrote {args.out_json}", flush=True)
 
   if not args.compare:
-    run = train(dataclasses.replace(cfg, dense=args.dense or cfg.dense), run_dir,
+    run = train(dataclasses.replace(cfg, dense=is_dense), run_dir,
                 resume=args.resume, **kw)
     out = run.results
     if args.out_json:
@@ -1022,7 +1151,7 @@ def main(argv: list[str] | None = None) -> dict:
         {"MoE": moe.history, "dense": dense.history},
         os.path.join(run_dir, "compare.png"),
         baseline=r_m["unigram_bits_per_byte"],
-        title=f"{args.preset}: MoE vs dense at equal active FLOPs")
+        title=f"{kw['preset']}: MoE vs dense at equal active FLOPs")
     out["plots"] = [compare_png]
     if args.out_json:
       out["plots"] = (_copy_plots(r_m["plots"], args.out_json, "moe_")
@@ -1032,6 +1161,15 @@ def main(argv: list[str] | None = None) -> dict:
   return out
 
 
+def _cli() -> int:
+  try:
+    main()
+  except UsageError as e:
+    print(f"train_lm: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == "__main__":
   warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-  main()
+  sys.exit(_cli())

@@ -1,11 +1,13 @@
-"""Tests of examples/train_lm.py: a smoke run, exact resumption, the dense twin and
-the --compare command line, all on the tiny ci-smoke preset (one compile of each
-model per process: train_lm caches its compiled steps)."""
+"""Tests of examples/train_lm.py: a smoke run, exact resumption, the dense twin, the
+--compare command line and its one-line answers to mistakes, all on the tiny
+ci-smoke preset (one compile of each model per process: train_lm caches its
+compiled steps)."""
 
 import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
 
 import jax
@@ -19,6 +21,7 @@ import lm_data  # noqa: E402
 import train_lm  # noqa: E402
 
 CFG = train_lm.PRESETS["ci-smoke"]  # 8 steps, checkpoints every 4
+_QUIET = dict(progress=False, measure_matmul=False)
 
 
 def _leaves_equal(a, b):
@@ -99,7 +102,7 @@ def _assert_loss_plot_fits(limits, history, baseline):
 
 
 def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path, plot_limits):
-  run = train_lm.train(CFG, str(tmp_path), progress=False, measure_matmul=False)
+  run = train_lm.train(CFG, str(tmp_path), **_QUIET)
   r = run.results
   assert r["steps"] == CFG.steps == int(run.state["step"])
   assert int(run.state["data_position"]) == CFG.steps * CFG.batch_size
@@ -132,10 +135,9 @@ def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path, plot_limits):
   if jax.devices()[0].platform == "cpu":
     assert r["peak_tflops"] is None and r["mfu_vs_peak"] is None
   assert r["mfu_vs_measured_matmul"] is None
-  # A fresh run refuses to overwrite checkpoints.
-  with pytest.raises(FileExistsError):
-    train_lm.train(CFG, str(tmp_path), progress=False, plots=False,
-                   measure_matmul=False)
+  # A fresh run refuses a directory that holds a run.
+  with pytest.raises(train_lm.UsageError, match="holds an earlier run"):
+    train_lm.train(CFG, str(tmp_path), plots=False, **_QUIET)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -156,9 +158,9 @@ def test_resume_continues_exactly(tmp_path):
   logged = lambda run: [(h["step"], h["loss"]) for h in run.history if "loss" in h]
   assert logged(straight) == logged(resumed)
   # A resumption with another model refuses.
-  with pytest.raises(ValueError, match="different configuration"):
+  with pytest.raises(train_lm.UsageError, match="different configuration.*d_ff"):
     train_lm.train(dataclasses.replace(CFG, d_ff=48), str(tmp_path / "b"),
-                   resume=True, progress=False, plots=False, measure_matmul=False)
+                   resume=True, plots=False, **_QUIET)
 
 
 def test_compare_command_line(tmp_path, capsys, plot_limits):
@@ -167,6 +169,9 @@ def test_compare_command_line(tmp_path, capsys, plot_limits):
   res = train_lm.main(["--preset", "ci-smoke", "--compare",
                        "--run-dir", run_dir, "--out-json", str(out)])
   lines = capsys.readouterr().out.splitlines()
+  # The run directory, printed first and last (after the device line).
+  assert lines[1] == f"run dir: {run_dir}", lines
+  assert lines[-1].startswith(f"run dir: {run_dir} ("), lines
   saved = json.loads(out.read_text())
   assert saved["comparison"] == res["comparison"]
   assert saved["moe"]["mode"] == "moe" and saved["dense"]["mode"] == "dense"
@@ -200,6 +205,74 @@ def test_compare_command_line(tmp_path, capsys, plot_limits):
   names = sorted(os.listdir(out.parent))
   assert names == ["cmp.json", "cmp_compare.png", "cmp_dense_loss.png",
                    "cmp_moe_experts.png", "cmp_moe_loss.png"], names
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """The directory of a finished ci-smoke run (checkpoints at steps 4 and 8)."""
+  run_dir = str(tmp_path_factory.mktemp("finished"))
+  train_lm.train(CFG, run_dir, plots=False, preset="ci-smoke", **_QUIET)
+  return run_dir
+
+
+# Mistakes on the command line, and the start of the one-line answer to each.
+MISTAKES = {
+    "bad preset": (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+    "zero steps": (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    "text for a number": (["--lr", "fast"], "argument --lr: expected a number"),
+    "resume without run dir": (["--resume"], "--resume needs --run-dir"),
+    "resume a missing dir": (["--run-dir", "{missing}", "--resume"], "--run-dir"),
+    "resume a dir without checkpoints": (["--run-dir", "{empty}", "--resume"],
+                                         "{empty} holds no checkpoint"),
+    "fresh run into a used dir": (["--run-dir", "{run}", "--preset", "ci-smoke"],
+                                  "{run} holds an earlier run"),
+    "resume with other steps": (["--run-dir", "{run}", "--resume", "--steps",
+                                 "12"], "--resume with a different configuration"),
+    "resume another config": (["--run-dir", "{run}", "--resume", "--batch-size",
+                               "4"], "--resume with a different configuration"),
+    "resume another preset": (["--run-dir", "{run}", "--resume", "--preset",
+                               "cpu-tiny"],
+                              "--resume with a different configuration (the run"
+                              " began as --preset ci-smoke)"),
+    "dense and compare": (["--dense", "--compare"], "--dense and --compare"),
+}
+
+
+def _mistake(name, finished_run, tmp_path):
+  (tmp_path / "empty").mkdir(exist_ok=True)
+  dirs = dict(run=finished_run, missing=str(tmp_path / "missing"),
+              empty=str(tmp_path / "empty"))
+  argv, answer = MISTAKES[name]
+  return [a.format(**dirs) for a in argv], answer.format(**dirs)
+
+
+@pytest.mark.parametrize("name", sorted(MISTAKES))
+def test_command_line_mistakes_are_answered(name, finished_run, tmp_path):
+  argv, answer = _mistake(name, finished_run, tmp_path)
+  with pytest.raises(train_lm.UsageError) as e:
+    train_lm.main(argv + ["--no-progress", "--no-plots"])
+  assert str(e.value).startswith(answer), str(e.value)
+  assert "\n" not in str(e.value)
+  # Nothing was trained or overwritten.
+  assert sorted(os.listdir(os.path.join(finished_run, "ckpt"))) == ["4", "8"]
+
+
+@pytest.mark.parametrize("name", ["bad preset", "fresh run into a used dir"])
+def test_script_answers_mistakes_in_one_line_with_exit_code_2(name, finished_run,
+                                                              tmp_path):
+  argv, answer = _mistake(name, finished_run, tmp_path)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "examples", "train_lm.py"), *argv],
+      capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  errors = [line for line in proc.stderr.splitlines()
+            if line.startswith("train_lm:")]
+  assert errors == [f"train_lm: error: {errors[0][len('train_lm: error: '):]}"]
+  assert errors[0].startswith(f"train_lm: error: {answer}"), proc.stderr
+  assert "Traceback" not in proc.stderr + proc.stdout
 
 
 @pytest.mark.skipif(jax.devices()[0].platform == "gpu",
