@@ -3,6 +3,7 @@
     python examples/train_lm.py                         # cpu-tiny: 5-9 min on 2 cores
     python examples/train_lm.py --dense                 # its dense twin
     python examples/train_lm.py --run-dir /tmp/r --resume   # continue a killed run
+    python examples/train_lm.py --run-dir /tmp/r --resume --steps 1200  # train on
     python examples/train_lm.py --preset h200 --compare --run-dir /tmp/h200 \\
         --out-json $OUT/h200.json                       # MoE vs dense on one H200
 
@@ -37,8 +38,14 @@ byte on a fixed subset of held-out windows) is jitted too.
 
 Checkpoints (orbax): params, optimizer state, step, PRNG key and data position. The
 data order is a pure function of (seed, step), so `--resume` continues a killed run
-exactly (tests/test_train_lm.py checks bitwise equality). Any change of the model
-or optimisation on resumption is refused.
+exactly (tests/test_train_lm.py checks bitwise equality). `--resume` without
+`--steps` trains to the run's saved total; `--resume --steps N` trains on from the
+checkpoint to a new total N (at least the checkpoint's step). The learning rate is
+always the warm-up + cosine schedule of the current total, read at the current step:
+after an extension the remaining steps follow the schedule of N, so a finished run
+(at its floor of 10% of the peak rate) resumes at that schedule's higher rate for its
+step, and decays to the floor again at step N. Only the schedule's length may change
+on resumption; any other change of the model or optimisation is refused.
 
 The run directory (default: a fresh /tmp/jmoe_train_lm/<preset>-<time>) is printed
 at the start and the end. Mistakes in the command (a bad value, --resume with no
@@ -180,11 +187,13 @@ class Config:
     return self.d_ff * self.top_k + self.shared_d_ff
 
 
-# Fields that leave the compiled steps alone, and those that may change between a
-# run and its resumption.
-_LOOP_FIELDS = ("log_every", "eval_every", "eval_batches", "ckpt_every",
+# Fields that leave the compiled steps alone (`steps` reaches the step as an
+# argument: one compile serves any schedule length), and those that may change
+# between a run and its resumption (see the module docstring for `steps`).
+_LOOP_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
                 "time_budget_s")
 _RESUMABLE_FIELDS = _LOOP_FIELDS + ("gmm_implementation",)
+
 
 class UsageError(ValueError):
   """A mistake in how a run was asked for; `main` prints it in one line, exit 2."""
@@ -262,18 +271,31 @@ def flops_per_token(cfg: Config, params_active: int) -> float:
   return 6.0 * params_active + 12.0 * cfg.num_layers * cfg.num_heads * head_dim * cfg.seq_len
 
 
-def lr_schedule(cfg: Config) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-      decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
-      end_value=cfg.lr * cfg.min_lr_ratio)
+def lr_schedule(cfg: Config, total_steps=None) -> optax.Schedule:
+  """Linear warm-up from 0 to `cfg.lr` over `cfg.warmup_steps`, then cosine decay
+  to `cfg.min_lr_ratio * cfg.lr` at `total_steps` (default `cfg.steps`; an int or
+  a traced scalar), constant after. optax's warmup_cosine_decay_schedule, with a
+  length that may be traced."""
+  total = cfg.steps if total_steps is None else total_steps
+  warmup, peak, floor = cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    decay_len = jnp.maximum(jnp.asarray(total, jnp.float32) - warmup, 1.0)
+    t = jnp.clip((count - warmup) / decay_len, 0.0, 1.0)
+    decayed = peak * (floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * t)))
+    return jnp.where(count < warmup, peak * count / max(warmup, 1), decayed)
+
+  return schedule
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+def make_optimizer(cfg: Config, total_steps=None) -> optax.GradientTransformation:
+  """AdamW on `lr_schedule(cfg, total_steps)`; the state's structure does not
+  depend on the schedule's length."""
   decay_mask = lambda params: jax.tree.map(lambda p: np.ndim(p) >= 2, params)
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=1e-8,
+      optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=1e-8,
                   weight_decay=cfg.weight_decay, mask=decay_mask))
 
 
@@ -304,9 +326,11 @@ _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global
 
 
 def make_steps(cfg: Config, graphdef):
-  """(train_step, eval_step), both `jax.jit`ed; train_step donates the state."""
-  tx = make_optimizer(cfg)
-  schedule = lr_schedule(cfg)
+  """(train_step, eval_step), both `jax.jit`ed; train_step donates the state.
+
+  train_step(state, batch, total_steps): `total_steps` (int32 scalar) is the
+  schedule's length, an argument so that one compile serves every length.
+  """
 
   def forward(params, inputs, key):
     return nnx.merge(graphdef, params)(inputs, key=key)
@@ -325,7 +349,9 @@ def make_steps(cfg: Config, graphdef):
                       dropped=aux.dropped_fraction.mean(),
                       tokens_per_expert=aux.tokens_per_expert)
 
-  def train_step(state, batch):
+  def train_step(state, batch, total_steps):
+    tx = make_optimizer(cfg, total_steps)
+    schedule = lr_schedule(cfg, total_steps)
     batch = batch.astype(jnp.int32)
     inputs, targets = batch[:, :-1], batch[:, 1:]
     key, sub = jax.random.split(jax.random.wrap_key_data(state["key"]))
@@ -390,6 +416,7 @@ def saved_meta(run_dir: str) -> dict | None:
 
 def _check_resumable(meta: dict, cfg: Config, preset: str) -> None:
   """Raises UsageError unless `cfg` may continue the checkpoint of `meta`."""
+  step = meta["step"]
   saved, now = meta["config"], _config_dict(cfg)
   diff = sorted(k for k in set(saved) | set(now)
                 if k not in _RESUMABLE_FIELDS and saved.get(k) != now.get(k))
@@ -399,8 +426,12 @@ def _check_resumable(meta: dict, cfg: Config, preset: str) -> None:
     changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
                         for k in diff)
     raise UsageError(
-        f"--resume with a different configuration{hint}: {changes}. Only the loop"
-        " options may change on resumption.")
+        f"--resume with a different configuration{hint}: {changes}. Only --steps"
+        " and the loop options may change on resumption.")
+  if cfg.steps < step:
+    raise UsageError(
+        f"--steps {cfg.steps} ends before the checkpoint at step {step}; pass"
+        f" --steps {step} or more to resume.")
 
 
 def _restore(mngr, state):
@@ -687,6 +718,10 @@ def check_gmm(cfg: Config, implementation: str, *, tol: float = 5e-2) -> dict:
 _COMPILED: dict = {}
 
 
+def _total(cfg: Config) -> jax.Array:
+  return jnp.asarray(cfg.steps, jnp.int32)
+
+
 def _first_call_ok(cfg, graphdef, state, batch, eval_batch):
   """Compiles both steps (ahead of time) and runs each once on a copy of the state.
 
@@ -699,12 +734,12 @@ def _first_call_ok(cfg, graphdef, state, batch, eval_batch):
   t0 = time.perf_counter()
   if key not in _COMPILED:
     train_step, eval_step = make_steps(cfg, graphdef)
-    _COMPILED[key] = (train_step.lower(state, batch).compile(),
+    _COMPILED[key] = (train_step.lower(state, batch, _total(cfg)).compile(),
                       eval_step.lower(state["params"], eval_batch).compile())
   train_c, eval_c = _COMPILED[key]
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  _, metrics = train_c(jax.tree.map(jnp.copy, state), batch)
+  _, metrics = train_c(jax.tree.map(jnp.copy, state), batch, _total(cfg))
   loss = float(metrics["loss"])
   float(eval_c(state["params"], eval_batch))
   first_run_s = time.perf_counter() - t0
@@ -733,7 +768,9 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
     cfg: the configuration; `cfg.steps` is the schedule's length.
     run_dir: checkpoints (ckpt/), metrics.jsonl, results.json and the plots.
     resume: continue from the latest checkpoint in run_dir (fresh if none).
-      Without `resume`, a run_dir holding an earlier run is refused (UsageError).
+      `cfg.steps` may differ from the checkpoint's (not be below its step): the
+      run goes on to the new total on that total's schedule. Without `resume`, a
+      run_dir holding an earlier run is refused (UsageError).
     stop_at: stop (with a checkpoint) after this global step instead of
       cfg.steps, as if killed there; the schedule still spans cfg.steps.
     progress: show the progress bar and messages.
@@ -794,8 +831,11 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   if meta is not None:
     state = _restore(mngr, state)
     history = _read_history(history_path, int(state["step"]))
+    extended = (f"; --steps {cfg.steps} extends the run's {meta['config']['steps']},"
+                " the learning rate follows the schedule of the new total"
+                if cfg.steps != meta["config"]["steps"] else "")
     say(f"[{mode}] resumed at step {int(state['step'])} of {cfg.steps} (data"
-        f" position {int(state['data_position'])})")
+        f" position {int(state['data_position'])}){extended}")
   _write_history(history_path, history)
   start = int(state["step"])
   end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
@@ -847,6 +887,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
     return float(total) / (eval_windows[:, 1:].size * LN2)
 
   tokens_per_step = cfg.batch_size * cfg.seq_len
+  total = _total(cfg)
   bar = _Bar(end, start, progress, f"{mode}")
   pending: list[dict] = []
   intervals: list[tuple[int, float]] = []  # (steps, seconds) between log syncs
@@ -857,7 +898,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
     history.append(dict(step=0, heldout_bpb=evaluate(state["params"])))
   t_interval, steps_interval = time.perf_counter(), 0
   for step in range(start, end):
-    state, metrics = train_c(state, batch_at(step))
+    state, metrics = train_c(state, batch_at(step), total)
     pending.append(metrics)
     steps_interval += 1
     bar.update()
@@ -1024,7 +1065,8 @@ def main(argv: list[str] | None = None) -> dict:
                  help="default: cpu-tiny, or on --resume the run's own")
   p.add_argument("--steps", type=_int_at_least(1),
                  help="total steps, the schedule's length; on --resume default the"
-                 " run's own")
+                 " run's own, and a larger N trains on to N (the learning rate then"
+                 " follows the schedule of N)")
   p.add_argument("--run-dir",
                  help="default: a new /tmp/jmoe_train_lm/<preset>[-dense|-compare]-<time>;"
                  " --resume needs the run's --run-dir")
@@ -1097,7 +1139,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\ntrain_lm: interrupted; {run_dir} keeps the checkpoints written so"
           f" far: continue with --run-dir {run_dir} --resume", file=sys.stderr)
     raise SystemExit(130) from None
-  resume_hint = (f" (continue it: --run-dir {run_dir} --resume)"
+  resume_hint = (f" (continue or extend: --run-dir {run_dir} --resume [--steps N])"
                  if cfg.ckpt_every >= 0 else "")
   print(f"run dir: {run_dir}{resume_hint}", flush=True)
   return out

@@ -1,7 +1,7 @@
-"""Tests of examples/train_lm.py: a smoke run, exact resumption, the dense twin, the
---compare command line and its one-line answers to mistakes, all on the tiny
-ci-smoke preset (one compile of each model per process: train_lm caches its
-compiled steps)."""
+"""Tests of examples/train_lm.py: a smoke run, exact resumption, extending a run's
+steps, the dense twin, the --compare command line and its one-line answers to
+mistakes, all on the tiny ci-smoke preset (one compile of each model and schedule
+length per process: train_lm caches its compiled steps)."""
 
 import dataclasses
 import json
@@ -101,6 +101,20 @@ def _assert_loss_plot_fits(limits, history, baseline):
   assert max(ys) - min(ys) > 0.8 * (y1 - y0), (ys, limits)
 
 
+def test_schedule_is_optaxs_warmup_cosine_for_any_length():
+  import optax
+  for cfg in (CFG, train_lm.PRESETS["cpu-tiny"],
+              dataclasses.replace(CFG, warmup_steps=0)):
+    ref = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio)
+    steps = np.arange(cfg.steps + 3)
+    ours = jax.jit(train_lm.lr_schedule(cfg, jax.numpy.int32(cfg.steps)))
+    np.testing.assert_allclose(ours(steps), ref(steps), rtol=1e-5,
+                               atol=1e-6 * cfg.lr)
+
+
 def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path, plot_limits):
   run = train_lm.train(CFG, str(tmp_path), **_QUIET)
   r = run.results
@@ -157,10 +171,60 @@ def test_resume_continues_exactly(tmp_path):
   # The metric history continues too.
   logged = lambda run: [(h["step"], h["loss"]) for h in run.history if "loss" in h]
   assert logged(straight) == logged(resumed)
-  # A resumption with another model refuses.
+  # A resumption with another model refuses, as does one ending before the
+  # checkpoint.
   with pytest.raises(train_lm.UsageError, match="different configuration.*d_ff"):
     train_lm.train(dataclasses.replace(CFG, d_ff=48), str(tmp_path / "b"),
                    resume=True, plots=False, **_QUIET)
+  with pytest.raises(train_lm.UsageError, match="ends before the checkpoint"):
+    train_lm.train(dataclasses.replace(CFG, steps=CFG.steps - 1),
+                   str(tmp_path / "b"), resume=True, plots=False, **_QUIET)
+
+
+def test_extending_steps_equals_a_longer_run_when_the_schedule_allows(tmp_path):
+  # With a floor at the peak rate, the schedule after warm-up is the same
+  # constant for any length. A finished 4-step run resumed with --steps 8 must
+  # then be bitwise the straight 8-step run: the extension continues the data
+  # order, PRNG key, optimizer state and metric history exactly.
+  flat = dataclasses.replace(CFG, min_lr_ratio=1.0)
+  half = dataclasses.replace(flat, steps=CFG.steps // 2)
+  straight = train_lm.train(flat, str(tmp_path / "a"), plots=False, **_QUIET)
+  short = train_lm.train(half, str(tmp_path / "b"), plots=False, **_QUIET)
+  assert int(short.state["step"]) == half.steps
+  extended = train_lm.train(flat, str(tmp_path / "b"), resume=True, plots=False,
+                            **_QUIET)
+  assert extended.results["steps"] == flat.steps
+  _leaves_equal(straight.state, extended.state)
+  logged = lambda run: [(h["step"], h["loss"]) for h in run.history if "loss" in h]
+  assert logged(straight) == logged(extended)
+
+
+def test_extending_steps_follows_the_new_totals_schedule(tmp_path, plot_limits):
+  # A finished run (at the schedule's floor) resumed with twice its steps: it
+  # continues from its checkpoint to the new total, on the schedule of the new
+  # total, whose rate at the resume point is above the old floor.
+  half = dataclasses.replace(CFG, steps=CFG.steps // 2)
+  short = train_lm.train(half, str(tmp_path), plots=False, **_QUIET)
+  extended = train_lm.train(CFG, str(tmp_path), resume=True, **_QUIET)
+  assert extended.results["steps"] == int(extended.state["step"]) == CFG.steps
+  assert int(extended.state["data_position"]) == CFG.steps * CFG.batch_size
+  history = extended.history
+  assert history[:len(short.history)] == short.history  # the run's own past
+  new = [h for h in history if "loss" in h and h["step"] > half.steps]
+  assert [h["step"] for h in new] == list(range(
+      half.steps + CFG.log_every, CFG.steps + 1, CFG.log_every))
+  old_schedule, schedule = train_lm.lr_schedule(half), train_lm.lr_schedule(CFG)
+  floor = CFG.lr * CFG.min_lr_ratio
+  assert float(old_schedule(half.steps)) == pytest.approx(floor)
+  for h in new:  # the logged rate is that of the interval's last update
+    assert h["lr"] == pytest.approx(float(schedule(h["step"] - 1)), rel=1e-6)
+    assert h["lr"] > 1.2 * floor  # not the old run's floor
+  assert float(schedule(CFG.steps)) == pytest.approx(floor)
+  _assert_loss_plot_fits(plot_limits["loss.png"], history,
+                         extended.results["unigram_bits_per_byte"])
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["config"]["steps"] == CFG.steps
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["4", "8"]
 
 
 def test_compare_command_line(tmp_path, capsys, plot_limits):
@@ -226,8 +290,9 @@ MISTAKES = {
                                          "{empty} holds no checkpoint"),
     "fresh run into a used dir": (["--run-dir", "{run}", "--preset", "ci-smoke"],
                                   "{run} holds an earlier run"),
-    "resume with other steps": (["--run-dir", "{run}", "--resume", "--steps",
-                                 "12"], "--resume with a different configuration"),
+    "resume before the checkpoint": (["--run-dir", "{run}", "--resume",
+                                      "--steps", "4"],
+                                     "--steps 4 ends before the checkpoint at step 8"),
     "resume another config": (["--run-dir", "{run}", "--resume", "--batch-size",
                                "4"], "--resume with a different configuration"),
     "resume another preset": (["--run-dir", "{run}", "--resume", "--preset",
@@ -257,7 +322,7 @@ def test_command_line_mistakes_are_answered(name, finished_run, tmp_path):
   assert sorted(os.listdir(os.path.join(finished_run, "ckpt"))) == ["4", "8"]
 
 
-@pytest.mark.parametrize("name", ["bad preset", "fresh run into a used dir"])
+@pytest.mark.parametrize("name", ["bad preset", "resume before the checkpoint"])
 def test_script_answers_mistakes_in_one_line_with_exit_code_2(name, finished_run,
                                                               tmp_path):
   argv, answer = _mistake(name, finished_run, tmp_path)
