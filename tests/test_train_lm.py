@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
 import lm_data  # noqa: E402
 import train_lm  # noqa: E402
 
+from tests.utils import assert_rel  # noqa: E402
+
 CFG = train_lm.PRESETS["ci-smoke"]  # 8 steps, checkpoints every 4
 _QUIET = dict(progress=False, measure_matmul=False)
 
@@ -111,8 +113,7 @@ def test_schedule_is_optaxs_warmup_cosine_for_any_length():
         end_value=cfg.lr * cfg.min_lr_ratio)
     steps = np.arange(cfg.steps + 3)
     ours = jax.jit(train_lm.lr_schedule(cfg, jax.numpy.int32(cfg.steps)))
-    np.testing.assert_allclose(ours(steps), ref(steps), rtol=1e-5,
-                               atol=1e-6 * cfg.lr)
+    assert_rel(ours(steps), ref(steps), what=f"lr of {cfg.steps} steps")
 
 
 def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path, plot_limits):
@@ -215,11 +216,11 @@ def test_extending_steps_follows_the_new_totals_schedule(tmp_path, plot_limits):
       half.steps + CFG.log_every, CFG.steps + 1, CFG.log_every))
   old_schedule, schedule = train_lm.lr_schedule(half), train_lm.lr_schedule(CFG)
   floor = CFG.lr * CFG.min_lr_ratio
-  assert float(old_schedule(half.steps)) == pytest.approx(floor)
+  assert_rel(old_schedule(half.steps), floor, what="old floor")
   for h in new:  # the logged rate is that of the interval's last update
-    assert h["lr"] == pytest.approx(float(schedule(h["step"] - 1)), rel=1e-6)
+    assert_rel(h["lr"], schedule(h["step"] - 1), what=f"lr at {h['step']}")
     assert h["lr"] > 1.2 * floor  # not the old run's floor
-  assert float(schedule(CFG.steps)) == pytest.approx(floor)
+  assert_rel(schedule(CFG.steps), floor, what="new floor")
   _assert_loss_plot_fits(plot_limits["loss.png"], history,
                          extended.results["unigram_bits_per_byte"])
   saved = json.loads((tmp_path / "results.json").read_text())
