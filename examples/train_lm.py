@@ -44,8 +44,9 @@ checkpoint to a new total N (at least the checkpoint's step). The learning rate 
 always the warm-up + cosine schedule of the current total, read at the current step:
 after an extension the remaining steps follow the schedule of N, so a finished run
 (at its floor of 10% of the peak rate) resumes at that schedule's higher rate for its
-step, and decays to the floor again at step N. Only the schedule's length may change
-on resumption; any other change of the model or optimisation is refused.
+step, and decays to the floor again at step N. Besides the schedule's length, only
+the loop options (log, eval and checkpoint intervals, time budget) and --gmm may
+change on resumption; any other change of the model or optimisation is refused.
 
 The run directory (default: a fresh /tmp/jmoe_train_lm/<preset>-<time>) is printed
 at the start and the end. Mistakes in the command (a bad value, --resume with no
@@ -187,12 +188,14 @@ class Config:
     return self.d_ff * self.top_k + self.shared_d_ff
 
 
-# Fields that leave the compiled steps alone (`steps` reaches the step as an
-# argument: one compile serves any schedule length), and those that may change
-# between a run and its resumption (see the module docstring for `steps`).
+# Fields that may change between a run and its resumption (see the module
+# docstring for `steps`), and those the compiled steps do not read: the loop
+# fields, the seed and the data (`steps` reaches the step as an argument, so one
+# compile serves any schedule length; the seed changes only the initial values).
 _LOOP_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
                 "time_budget_s")
 _RESUMABLE_FIELDS = _LOOP_FIELDS + ("gmm_implementation",)
+_UNCOMPILED_FIELDS = _LOOP_FIELDS + ("seed", "sources", "max_bytes", "heldout_frac")
 
 
 class UsageError(ValueError):
@@ -729,7 +732,8 @@ def _first_call_ok(cfg, graphdef, state, batch, eval_batch):
   this process compiled them already. Raises on failure or a non-finite loss.
   """
   defaults = Config()
-  key = (dataclasses.replace(cfg, **{f: getattr(defaults, f) for f in _LOOP_FIELDS}),
+  key = (dataclasses.replace(cfg, **{f: getattr(defaults, f)
+                                     for f in _UNCOMPILED_FIELDS}),
          batch.shape, eval_batch.shape)
   t0 = time.perf_counter()
   if key not in _COMPILED:
@@ -831,8 +835,8 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   if meta is not None:
     state = _restore(mngr, state)
     history = _read_history(history_path, int(state["step"]))
-    extended = (f"; --steps {cfg.steps} extends the run's {meta['config']['steps']},"
-                " the learning rate follows the schedule of the new total"
+    extended = (f"; --steps {cfg.steps} (the run had {meta['config']['steps']}):"
+                f" the learning rate follows the schedule of {cfg.steps} steps"
                 if cfg.steps != meta["config"]["steps"] else "")
     say(f"[{mode}] resumed at step {int(state['step'])} of {cfg.steps} (data"
         f" position {int(state['data_position'])}){extended}")
@@ -1095,7 +1099,8 @@ def main(argv: list[str] | None = None) -> dict:
   if args.dense and args.compare:
     raise UsageError("--dense and --compare exclude each other (--compare trains"
                      " both models).")
-  # On --resume, the run's own preset, mode and length are the defaults.
+  # On --resume, the run's own configuration (preset, mode, length and any flags
+  # it was started with) is the default.
   meta = None
   if args.resume:
     if not args.run_dir:
@@ -1118,10 +1123,17 @@ def main(argv: list[str] | None = None) -> dict:
                    seed=args.seed, time_budget_s=args.time_budget,
                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                    gmm_implementation=args.gmm)
-  if meta is not None and args.steps is None:
-    overrides["steps"] = meta["config"]["steps"]
-  is_dense = args.dense or bool(meta and meta["config"]["dense"] and not args.compare)
-  cfg = dataclasses.replace(PRESETS[preset],
+  base = PRESETS[preset]
+  if meta is not None and preset == meta.get("preset", preset):
+    # The saved fields over the preset's (a field the checkpoint lacks keeps the
+    # preset's value).
+    fields = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in meta["config"].items() if k in fields}
+    if "sources" in saved:
+      saved["sources"] = tuple(saved["sources"])
+    base = dataclasses.replace(base, **saved)
+  is_dense = args.dense or (base.dense and not args.compare)
+  cfg = dataclasses.replace(base,
                             **{k: v for k, v in overrides.items() if v is not None})
   suffix = "-compare" if args.compare else "-dense" if is_dense else ""
   # A fresh default directory per run: running the command twice never collides

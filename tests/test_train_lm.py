@@ -274,10 +274,21 @@ def test_compare_command_line(tmp_path, capsys, plot_limits):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-  """The directory of a finished ci-smoke run (checkpoints at steps 4 and 8)."""
+  """The directory of a finished ci-smoke run started with --seed 1 (checkpoints
+  at steps 4 and 8)."""
   run_dir = str(tmp_path_factory.mktemp("finished"))
-  train_lm.train(CFG, run_dir, plots=False, preset="ci-smoke", **_QUIET)
+  train_lm.train(dataclasses.replace(CFG, seed=1), run_dir, plots=False,
+                 preset="ci-smoke", **_QUIET)
   return run_dir
+
+
+def test_resume_defaults_to_the_runs_own_configuration(finished_run, capsys):
+  # No --preset, --seed or --steps: the run's own (ci-smoke, 1, 8). It is finished,
+  # so nothing is trained; its checkpoint is evaluated again.
+  res = train_lm.main(["--run-dir", finished_run, "--resume", "--no-plots"])
+  assert res["preset"] == "ci-smoke" and res["config"]["seed"] == 1
+  assert res["steps"] == CFG.steps and not res["stopped_early"]
+  assert f"resumed at step {CFG.steps} of {CFG.steps}" in capsys.readouterr().out
 
 
 # Mistakes on the command line, and the start of the one-line answer to each.
