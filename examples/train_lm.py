@@ -50,8 +50,9 @@ change on resumption; any other change of the model or optimisation is refused.
 
 The run directory (default: a fresh /tmp/jmoe_train_lm/<preset>-<time>) is printed
 at the start and the end. Mistakes in the command (a bad value, --resume with no
-checkpoint or a different configuration, a fresh run into a used run directory) end
-in one line on stderr and exit code 2, not a traceback.
+checkpoint or a different configuration, a fresh run into a used run directory, a
+run dir or --out-json that cannot be written, windows longer than the data) end in
+one line on stderr and exit code 2, not a traceback.
 
 FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B):
 
@@ -796,9 +797,13 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
         " continue it, or choose a fresh --run-dir (or delete that one).")
 
   # Data.
-  corpus = lm_data.load_corpus(cfg.seq_len, sources=tuple(cfg.sources),
-                               max_bytes=cfg.max_bytes,
-                               heldout_frac=cfg.heldout_frac)
+  try:
+    corpus = lm_data.load_corpus(cfg.seq_len, sources=tuple(cfg.sources),
+                                 max_bytes=cfg.max_bytes,
+                                 heldout_frac=cfg.heldout_frac)
+  except RuntimeError as e:  # no window of seq_len + 1 bytes in a split
+    raise UsageError(f"{e} Each split needs a window of --seq-len + 1 ="
+                     f" {cfg.seq_len + 1} bytes; try a smaller --seq-len.") from None
   n_train = len(corpus.train)
   eval_bs = min(cfg.batch_size, len(corpus.heldout))
   n_eval_batches = max(1, min(cfg.eval_batches, len(corpus.heldout) // eval_bs))
@@ -1061,6 +1066,18 @@ def _positive_float(text: str) -> float:
   return value
 
 
+def _make_dir(path: str, what: str) -> None:
+  """Creates directory `path` (if missing), or raises UsageError naming `what`."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError(f"{what} {path} is a file, not a directory.")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"{what} {path} cannot be created: {e.strerror}.") from None
+  if not os.access(path, os.W_OK):
+    raise UsageError(f"{what} {path} is not writable.")
+
+
 def main(argv: list[str] | None = None) -> dict:
   """The command line; returns the results. Mistakes raise UsageError (the
   script prints it in one line and exits with code 2)."""
@@ -1141,6 +1158,12 @@ def main(argv: list[str] | None = None) -> dict:
   stamp = time.strftime("%Y%m%d-%H%M%S")
   run_dir = args.run_dir or os.path.join("/tmp/jmoe_train_lm",
                                          f"{preset}{suffix}-{stamp}")
+  _make_dir(run_dir, "--run-dir")
+  if args.out_json:
+    if os.path.isdir(args.out_json):
+      raise UsageError(f"--out-json {args.out_json} is a directory; name a file in"
+                       " it, e.g. results.json.")
+    _make_dir(os.path.dirname(os.path.abspath(args.out_json)), "--out-json's folder")
   kw = dict(progress=not args.no_progress, plots=not args.no_plots, preset=preset)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
         f" ({jax.device_count()} device(s)); preset {preset}")

@@ -312,13 +312,22 @@ MISTAKES = {
                               "--resume with a different configuration (the run"
                               " began as --preset ci-smoke)"),
     "dense and compare": (["--dense", "--compare"], "--dense and --compare"),
+    "run dir is a file": (["--run-dir", "{file}"], "--run-dir {file} is a file"),
+    "out json under a file": (["--run-dir", "{empty}", "--out-json",
+                               "{file}/r.json"], "--out-json's folder {file} is a file"),
+    "out json is a directory": (["--run-dir", "{empty}", "--out-json", "{empty}"],
+                                "--out-json {empty} is a directory"),
+    "windows longer than the data": (["--run-dir", "{empty}", "--preset",
+                                      "ci-smoke", "--seq-len", "4000000"],
+                                     "lm_data: too little data"),
 }
 
 
 def _mistake(name, finished_run, tmp_path):
   (tmp_path / "empty").mkdir(exist_ok=True)
+  (tmp_path / "a_file").write_text("")
   dirs = dict(run=finished_run, missing=str(tmp_path / "missing"),
-              empty=str(tmp_path / "empty"))
+              empty=str(tmp_path / "empty"), file=str(tmp_path / "a_file"))
   argv, answer = MISTAKES[name]
   return [a.format(**dirs) for a in argv], answer.format(**dirs)
 
