@@ -65,3 +65,22 @@ def test_block_runs(line, code, workdir, monkeypatch):
   except BaseException:
     _FAILED.append(line)
     raise
+
+
+def test_quickstart_is_two_commands_and_ci_runs_the_second():
+  # The Quickstart's bash block: one command that installs jmoe and runs the
+  # examples end to end (train_lm.py with no flags), one that
+  # installs the test extras and runs the suite; `.ci/run` runs that second
+  # command verbatim.
+  section = _TEXT.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+  block = re.search(r"^```bash\n(.*?)^```", section, re.M | re.S).group(1)
+  commands = [line for line in block.splitlines() if line.strip()]
+  assert len(commands) == 2, commands
+  setup, test = commands
+  assert setup.startswith("pip install -e ") and setup.endswith(
+      "&& python examples/train_lm.py"), setup
+  assert test.startswith('pip install -e ".[test]" && python -m pytest'), test
+  root = os.path.dirname(README)
+  with open(os.path.join(root, ".ci", "run")) as f:
+    ci = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+  assert ci[-1] == test, (ci[-1], test)
