@@ -3,6 +3,7 @@
     python examples/train_lm.py                         # cpu-tiny: 5-9 min on 2 cores
     python examples/train_lm.py --dense                 # its dense twin
     python examples/train_lm.py --run-dir /tmp/r --resume   # continue a killed run
+    python examples/train_lm.py --run-dir /tmp/r --resume --steps 1200  # train on
     python examples/train_lm.py --preset h200 --compare --run-dir /tmp/h200 \\
         --out-json $OUT/h200.json                       # MoE vs dense on one H200
 
@@ -37,7 +38,21 @@ byte on a fixed subset of held-out windows) is jitted too.
 
 Checkpoints (orbax): params, optimizer state, step, PRNG key and data position. The
 data order is a pure function of (seed, step), so `--resume` continues a killed run
-exactly (tests/test_train_lm.py checks bitwise equality).
+exactly (tests/test_train_lm.py checks bitwise equality). `--resume` without
+`--steps` trains to the run's saved total; `--resume --steps N` trains on from the
+checkpoint to a new total N (at least the checkpoint's step). The learning rate is
+always the warm-up + cosine schedule of the current total, read at the current step:
+after an extension the remaining steps follow the schedule of N, so a finished run
+(at its floor of 10% of the peak rate) resumes at that schedule's higher rate for its
+step, and decays to the floor again at step N. Besides the schedule's length, only
+the loop options (log, eval and checkpoint intervals, time budget) and --gmm may
+change on resumption; any other change of the model or optimisation is refused.
+
+The run directory (default: a fresh /tmp/jmoe_train_lm/<preset>-<time>) is printed
+at the start and the end. Mistakes in the command (a bad value, --resume with no
+checkpoint or a different configuration, a fresh run into a used run directory, a
+run dir or --out-json that cannot be written, windows longer than the data) end in
+one line on stderr and exit code 2, not a traceback.
 
 FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B):
 
@@ -46,8 +61,10 @@ FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B):
 N_active: parameters touched per token, i.e. all but the embedding table, with each
 MoE layer's expert weights counted top_k / num_experts (the router counted in full).
 The attention term counts the full S x S score matrix (no causal halving), forward
-and backward. MFU = tokens/s * FLOPs per token / peak, against 989 TFLOP/s (H100/H200
-dense bf16) and against a dense matmul rate measured in the same run.
+and backward. MFU = tokens/s * FLOPs per token / ceiling, against two ceilings of the
+device the run used: its datasheet dense peak for the run's dtype where `PEAK_TFLOPS`
+knows the device (H100/H200 bf16: 989 TFLOP/s; none for CPUs, so no such MFU there),
+and a dense matmul in the run's dtype measured in the same process.
 """
 
 from __future__ import annotations
@@ -84,7 +101,16 @@ except ImportError:  # not installed: run from a checkout
   import jmoe  # noqa: E402
 import jmoe.nn as jnn  # noqa: E402
 
-PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16 datasheet rate
+# Datasheet dense (no sparsity) bf16/f16 tensor-core peaks, TFLOP/s, by exact
+# `device_kind`. Devices not listed (CPUs included) get no datasheet MFU, only the
+# one against the matmul measured in the run.
+PEAK_TFLOPS = {
+    "NVIDIA H200": 989.0,
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+}
 LN2 = math.log(2.0)
 
 
@@ -163,11 +189,18 @@ class Config:
     return self.d_ff * self.top_k + self.shared_d_ff
 
 
-# Fields that leave the compiled steps alone, and those that may change between a
-# run and its resumption.
-_LOOP_FIELDS = ("log_every", "eval_every", "eval_batches", "ckpt_every",
+# Fields that may change between a run and its resumption (see the module
+# docstring for `steps`), and those the compiled steps do not read: the loop
+# fields, the seed and the data (`steps` reaches the step as an argument, so one
+# compile serves any schedule length; the seed changes only the initial values).
+_LOOP_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
                 "time_budget_s")
 _RESUMABLE_FIELDS = _LOOP_FIELDS + ("gmm_implementation",)
+_UNCOMPILED_FIELDS = _LOOP_FIELDS + ("seed", "sources", "max_bytes", "heldout_frac")
+
+
+class UsageError(ValueError):
+  """A mistake in how a run was asked for; `main` prints it in one line, exit 2."""
 
 PRESETS: dict[str, Config] = {
     # A few steps of a tiny model: tests (one compile of each model per process).
@@ -242,18 +275,31 @@ def flops_per_token(cfg: Config, params_active: int) -> float:
   return 6.0 * params_active + 12.0 * cfg.num_layers * cfg.num_heads * head_dim * cfg.seq_len
 
 
-def lr_schedule(cfg: Config) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-      decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
-      end_value=cfg.lr * cfg.min_lr_ratio)
+def lr_schedule(cfg: Config, total_steps=None) -> optax.Schedule:
+  """Linear warm-up from 0 to `cfg.lr` over `cfg.warmup_steps`, then cosine decay
+  to `cfg.min_lr_ratio * cfg.lr` at `total_steps` (default `cfg.steps`; an int or
+  a traced scalar), constant after. optax's warmup_cosine_decay_schedule, with a
+  length that may be traced."""
+  total = cfg.steps if total_steps is None else total_steps
+  warmup, peak, floor = cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    decay_len = jnp.maximum(jnp.asarray(total, jnp.float32) - warmup, 1.0)
+    t = jnp.clip((count - warmup) / decay_len, 0.0, 1.0)
+    decayed = peak * (floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * t)))
+    return jnp.where(count < warmup, peak * count / max(warmup, 1), decayed)
+
+  return schedule
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+def make_optimizer(cfg: Config, total_steps=None) -> optax.GradientTransformation:
+  """AdamW on `lr_schedule(cfg, total_steps)`; the state's structure does not
+  depend on the schedule's length."""
   decay_mask = lambda params: jax.tree.map(lambda p: np.ndim(p) >= 2, params)
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=1e-8,
+      optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=1e-8,
                   weight_decay=cfg.weight_decay, mask=decay_mask))
 
 
@@ -284,9 +330,11 @@ _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global
 
 
 def make_steps(cfg: Config, graphdef):
-  """(train_step, eval_step), both `jax.jit`ed; train_step donates the state."""
-  tx = make_optimizer(cfg)
-  schedule = lr_schedule(cfg)
+  """(train_step, eval_step), both `jax.jit`ed; train_step donates the state.
+
+  train_step(state, batch, total_steps): `total_steps` (int32 scalar) is the
+  schedule's length, an argument so that one compile serves every length.
+  """
 
   def forward(params, inputs, key):
     return nnx.merge(graphdef, params)(inputs, key=key)
@@ -305,7 +353,9 @@ def make_steps(cfg: Config, graphdef):
                       dropped=aux.dropped_fraction.mean(),
                       tokens_per_expert=aux.tokens_per_expert)
 
-  def train_step(state, batch):
+  def train_step(state, batch, total_steps):
+    tx = make_optimizer(cfg, total_steps)
+    schedule = lr_schedule(cfg, total_steps)
     batch = batch.astype(jnp.int32)
     inputs, targets = batch[:, :-1], batch[:, 1:]
     key, sub = jax.random.split(jax.random.wrap_key_data(state["key"]))
@@ -341,26 +391,56 @@ def _checkpoint_manager(run_dir: str):
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
-def _save(mngr, state, cfg: Config) -> None:
+def _save(mngr, state, cfg: Config, preset: str) -> None:
   import orbax.checkpoint as ocp
   step = int(state["step"])
   meta = dict(step=step, data_position=int(state["data_position"]),
-              config=_config_dict(cfg))
+              config=_config_dict(cfg), preset=preset)
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def _restore(mngr, state, cfg: Config):
+def saved_meta(run_dir: str) -> dict | None:
+  """The latest checkpoint's metadata in `run_dir` (step, data_position, config,
+  preset), or None when it holds no checkpoint."""
+  ckpt_dir = os.path.join(run_dir, "ckpt")
+  if not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
+    return None
   import orbax.checkpoint as ocp
-  step = mngr.latest_step()
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-  saved, now = meta["meta"]["config"], _config_dict(cfg)
+  mngr = _checkpoint_manager(run_dir)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    return mngr.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    mngr.close()
+
+
+def _check_resumable(meta: dict, cfg: Config, preset: str) -> None:
+  """Raises UsageError unless `cfg` may continue the checkpoint of `meta`."""
+  step = meta["step"]
+  saved, now = meta["config"], _config_dict(cfg)
   diff = sorted(k for k in set(saved) | set(now)
                 if k not in _RESUMABLE_FIELDS and saved.get(k) != now.get(k))
   if diff:
-    raise ValueError(
-        f"train_lm: --resume with a different configuration ({diff}: saved"
-        f" {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]}).")
+    was = meta.get("preset")
+    hint = (f" (the run began as --preset {was})" if was and was != preset else "")
+    changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+                        for k in diff)
+    raise UsageError(
+        f"--resume with a different configuration{hint}: {changes}. Only --steps"
+        " and the loop options may change on resumption.")
+  if cfg.steps < step:
+    raise UsageError(
+        f"--steps {cfg.steps} ends before the checkpoint at step {step}; pass"
+        f" --steps {step} or more to resume.")
+
+
+def _restore(mngr, state):
+  import orbax.checkpoint as ocp
+  step = mngr.latest_step()
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))
@@ -387,6 +467,21 @@ def _write_history(path: str, records: list[dict]) -> None:
       f.write(json.dumps(r) + "\n")
 
 
+def _fit_ylim(values) -> tuple[float, float]:
+  """y-limits that hold every finite value, with 5% of the range as margin."""
+  v = np.asarray([x for x in values if x is not None and math.isfinite(x)], float)
+  if not v.size:
+    return 0.0, 1.0
+  lo, hi = float(v.min()), float(v.max())
+  pad = 0.05 * (hi - lo) or 0.05 * max(abs(hi), 1.0)
+  bottom = max(lo - pad, 0.0) if lo >= 0 else lo - pad  # bits are never negative
+  return bottom, hi + pad
+
+
+def _bpb_values(history: list[dict]) -> list[float]:
+  return [r[k] for r in history for k in ("train_bpb", "heldout_bpb") if k in r]
+
+
 def plot_run(history: list[dict], run_dir: str, *, baseline: float,
              title: str) -> list[str]:
   """loss.png (train and held-out bits/byte) and, for MoE, experts.png."""
@@ -406,7 +501,7 @@ def plot_run(history: list[dict], run_dir: str, *, baseline: float,
   ax.axhline(baseline, color="gray", ls="--",
              label=f"held-out unigram entropy {baseline:.2f}")
   ax.set(xlabel="step", ylabel="bits per byte", title=title,
-         ylim=(0, max(baseline + 1.0, 3.5)))
+         ylim=_fit_ylim(_bpb_values(history) + [baseline]))
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -417,6 +512,7 @@ def plot_run(history: list[dict], run_dir: str, *, baseline: float,
   shares = [r for r in train if r.get("expert_share")]
   if shares:
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
     steps = np.array([r["step"] for r in shares])
     share = np.array([r["expert_share"] for r in shares])  # [n, layers, E]
     layers, experts = share.shape[1], share.shape[2]
@@ -435,6 +531,7 @@ def plot_run(history: list[dict], run_dir: str, *, baseline: float,
       mesh = ax.pcolormesh(steps, np.arange(experts), share[:, i, :].T,
                            shading="nearest", norm=norm, cmap="RdBu_r")
       ax.set_ylabel(f"layer {i}\nexpert", fontsize=8)
+      ax.yaxis.set_major_locator(MaxNLocator(integer=True))
       ax.tick_params(labelsize=7)
     for c in range(cols):
       axes[rows - 1][c].set_xlabel("step")
@@ -461,8 +558,9 @@ def plot_compare(runs: dict[str, list[dict]], path: str, *, baseline: float,
     ax.plot([r["step"] for r in evals], [r["heldout_bpb"] for r in evals], "o-",
             color=color, label=f"{name} held-out")
   ax.axhline(baseline, color="gray", ls="--", label=f"unigram {baseline:.2f}")
+  values = [v for history in runs.values() for v in _bpb_values(history)]
   ax.set(xlabel="step", ylabel="bits per byte", title=title,
-         ylim=(0, max(baseline + 1.0, 3.5)))
+         ylim=_fit_ylim(values + [baseline]))
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -474,6 +572,14 @@ def plot_compare(runs: dict[str, list[dict]], path: str, *, baseline: float,
 # ------------------------------------------------------------------------------
 # Measurements.
 # ------------------------------------------------------------------------------
+
+
+def peak_tflops(device_kind: str, dtype) -> float | None:
+  """The device's datasheet dense peak for `dtype` (TFLOP/s), or None if unknown
+  (CPUs, unlisted GPUs, dtypes other than bf16 / f16)."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return None
+  return PEAK_TFLOPS.get(device_kind)
 
 
 @functools.lru_cache(maxsize=4)
@@ -616,6 +722,10 @@ def check_gmm(cfg: Config, implementation: str, *, tol: float = 5e-2) -> dict:
 _COMPILED: dict = {}
 
 
+def _total(cfg: Config) -> jax.Array:
+  return jnp.asarray(cfg.steps, jnp.int32)
+
+
 def _first_call_ok(cfg, graphdef, state, batch, eval_batch):
   """Compiles both steps (ahead of time) and runs each once on a copy of the state.
 
@@ -623,23 +733,35 @@ def _first_call_ok(cfg, graphdef, state, batch, eval_batch):
   this process compiled them already. Raises on failure or a non-finite loss.
   """
   defaults = Config()
-  key = (dataclasses.replace(cfg, **{f: getattr(defaults, f) for f in _LOOP_FIELDS}),
+  key = (dataclasses.replace(cfg, **{f: getattr(defaults, f)
+                                     for f in _UNCOMPILED_FIELDS}),
          batch.shape, eval_batch.shape)
   t0 = time.perf_counter()
   if key not in _COMPILED:
     train_step, eval_step = make_steps(cfg, graphdef)
-    _COMPILED[key] = (train_step.lower(state, batch).compile(),
+    _COMPILED[key] = (train_step.lower(state, batch, _total(cfg)).compile(),
                       eval_step.lower(state["params"], eval_batch).compile())
   train_c, eval_c = _COMPILED[key]
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  _, metrics = train_c(jax.tree.map(jnp.copy, state), batch)
+  _, metrics = train_c(jax.tree.map(jnp.copy, state), batch, _total(cfg))
   loss = float(metrics["loss"])
   float(eval_c(state["params"], eval_batch))
   first_run_s = time.perf_counter() - t0
   if not math.isfinite(loss):
     raise FloatingPointError(f"non-finite loss {loss} on the first step")
   return train_c, eval_c, compile_s, first_run_s
+
+
+def run_files(run_dir: str) -> list[str]:
+  """The files of an earlier run in `run_dir` (checkpoints, metrics, results)."""
+  found = []
+  if os.path.isdir(os.path.join(run_dir, "ckpt")) and os.listdir(
+      os.path.join(run_dir, "ckpt")):
+    found.append("ckpt/")
+  found += [n for n in ("metrics.jsonl", "results.json")
+            if os.path.exists(os.path.join(run_dir, n))]
+  return found
 
 
 def train(cfg: Config, run_dir: str, *, resume: bool = False,
@@ -651,6 +773,9 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
     cfg: the configuration; `cfg.steps` is the schedule's length.
     run_dir: checkpoints (ckpt/), metrics.jsonl, results.json and the plots.
     resume: continue from the latest checkpoint in run_dir (fresh if none).
+      `cfg.steps` may differ from the checkpoint's (not be below its step): the
+      run goes on to the new total on that total's schedule. Without `resume`, a
+      run_dir holding an earlier run is refused (UsageError).
     stop_at: stop (with a checkpoint) after this global step instead of
       cfg.steps, as if killed there; the schedule still spans cfg.steps.
     progress: show the progress bar and messages.
@@ -661,18 +786,24 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   t_start = time.perf_counter()
   say = print if progress else (lambda *a, **k: None)
   os.makedirs(run_dir, exist_ok=True)
-  ckpt_dir = os.path.join(run_dir, "ckpt")
   history_path = os.path.join(run_dir, "metrics.jsonl")
-  if not resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise FileExistsError(
-        f"train_lm: {ckpt_dir} holds checkpoints; pass --resume to continue, or"
-        " choose a fresh --run-dir.")
   mode = "dense" if cfg.dense else "moe"
+  meta = saved_meta(run_dir) if resume else None
+  if meta is not None:
+    _check_resumable(meta, cfg, preset)
+  elif not resume and (used := run_files(run_dir)):
+    raise UsageError(
+        f"{run_dir} holds an earlier run ({', '.join(used)}); pass --resume to"
+        " continue it, or choose a fresh --run-dir (or delete that one).")
 
   # Data.
-  corpus = lm_data.load_corpus(cfg.seq_len, sources=tuple(cfg.sources),
-                               max_bytes=cfg.max_bytes,
-                               heldout_frac=cfg.heldout_frac)
+  try:
+    corpus = lm_data.load_corpus(cfg.seq_len, sources=tuple(cfg.sources),
+                                 max_bytes=cfg.max_bytes,
+                                 heldout_frac=cfg.heldout_frac)
+  except RuntimeError as e:  # no window of seq_len + 1 bytes in a split
+    raise UsageError(f"{e} Each split needs a window of --seq-len + 1 ="
+                     f" {cfg.seq_len + 1} bytes; try a smaller --seq-len.") from None
   n_train = len(corpus.train)
   eval_bs = min(cfg.batch_size, len(corpus.heldout))
   n_eval_batches = max(1, min(cfg.eval_batches, len(corpus.heldout) // eval_bs))
@@ -706,11 +837,14 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
       f" {fpt / 1e6:.1f} MFLOP per token; initialised in {init_s:.1f}s")
   mngr = _checkpoint_manager(run_dir)
   history: list[dict] = []
-  if resume and mngr.latest_step() is not None:
-    state = _restore(mngr, state, cfg)
+  if meta is not None:
+    state = _restore(mngr, state)
     history = _read_history(history_path, int(state["step"]))
-    say(f"[{mode}] resumed at step {int(state['step'])} (data position"
-        f" {int(state['data_position'])})")
+    extended = (f"; --steps {cfg.steps} (the run had {meta['config']['steps']}):"
+                f" the learning rate follows the schedule of {cfg.steps} steps"
+                if cfg.steps != meta["config"]["steps"] else "")
+    say(f"[{mode}] resumed at step {int(state['step'])} of {cfg.steps} (data"
+        f" position {int(state['data_position'])}){extended}")
   _write_history(history_path, history)
   start = int(state["step"])
   end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
@@ -729,10 +863,17 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
         cfg, graphdef, state, batch_at(start), eval_set[0])
   except Exception as e:  # noqa: BLE001
     if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-      raise RuntimeError(
-          f"train_lm: the {mode} step does not fit in device memory at batch"
+      raise UsageError(
+          f"the {mode} step does not fit in device memory at batch"
           f" {cfg.batch_size} x {cfg.seq_len}; try --batch-size"
           f" {max(cfg.batch_size // 2, 1)}.") from e
+    if (not cfg.dense and cfg.gmm_implementation is not None
+        and gmm_used not in ("xla", "reference")):
+      first_line = (str(e).strip().splitlines() or [""])[0][:300]
+      raise UsageError(
+          f"--gmm {gmm_used} failed on the first step on"
+          f" {jax.devices()[0].platform} ({type(e).__name__}: {first_line});"
+          " choose another --gmm (xla runs everywhere).") from e
     if cfg.dense or cfg.gmm_implementation is not None or gmm_used == "xla":
       raise
     say(f"[{mode}] WARNING: gmm implementation {gmm_used!r} failed on the first"
@@ -755,6 +896,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
     return float(total) / (eval_windows[:, 1:].size * LN2)
 
   tokens_per_step = cfg.batch_size * cfg.seq_len
+  total = _total(cfg)
   bar = _Bar(end, start, progress, f"{mode}")
   pending: list[dict] = []
   intervals: list[tuple[int, float]] = []  # (steps, seconds) between log syncs
@@ -765,7 +907,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
     history.append(dict(step=0, heldout_bpb=evaluate(state["params"])))
   t_interval, steps_interval = time.perf_counter(), 0
   for step in range(start, end):
-    state, metrics = train_c(state, batch_at(step))
+    state, metrics = train_c(state, batch_at(step), total)
     pending.append(metrics)
     steps_interval += 1
     bar.update()
@@ -804,7 +946,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
     if cfg.ckpt_every >= 0 and ((cfg.ckpt_every > 0 and s % cfg.ckpt_every == 0)
                                 or is_last or stopped_early):
       t0 = time.perf_counter()
-      _save(mngr, state, cfg)  # async: blocks only for the device-to-host copy
+      _save(mngr, state, cfg, preset)  # async: blocks only for the device-to-host copy
       ckpt_s += time.perf_counter() - t0
     t_interval, steps_interval = time.perf_counter(), 0
     if stopped_early:
@@ -829,6 +971,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   mm = matmul_tflops(jnp.dtype(cfg.dtype)) if measure_matmul else None
   achieved = tokens_per_s * fpt
   dev = jax.devices()[0]
+  peak = peak_tflops(dev.device_kind, cfg.dtype)
   results = dict(
       device_kind=dev.device_kind, platform=dev.platform,
       num_devices=jax.device_count(), jax_version=jax.__version__,
@@ -852,16 +995,22 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
       **counts, flops_per_token=fpt,
       flops_formula="6*params_active + 12*num_layers*num_heads*head_dim*seq_len",
       achieved_tflops=achieved / 1e12,
-      mfu_vs_989_tflops=achieved / PEAK_BF16_FLOPS,
+      peak_tflops=peak,
+      mfu_vs_peak=achieved / (peak * 1e12) if peak else None,
       matmul=mm,
       mfu_vs_measured_matmul=achieved / (mm["tflops"] * 1e12) if mm else None,
       plots=plot_paths)
   with open(os.path.join(run_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
-  mfu = f"MFU {results['mfu_vs_989_tflops'] * 100:.3g}% of 989 TFLOP/s"
+  ceilings = []
+  if peak:
+    ceilings.append(f"{results['mfu_vs_peak'] * 100:.3g}% of the {dev.device_kind}'s"
+                    f" {peak:.0f} TFLOP/s {cfg.dtype} peak")
   if mm:
-    mfu += (f", {results['mfu_vs_measured_matmul'] * 100:.3g}% of the measured"
-            f" {mm['tflops']:.3g} TFLOP/s {mm['dtype']} matmul")
+    ceilings.append(f"{results['mfu_vs_measured_matmul'] * 100:.3g}% of the"
+                    f" {mm['tflops']:.3g} TFLOP/s {mm['dtype']} matmul measured here")
+  mfu = ("MFU " + ", ".join(ceilings) if ceilings else
+         f"no MFU (no datasheet peak for {dev.device_kind}, no matmul measured)")
   say(f"[{mode}] done: step {final_step}, held-out {heldout:.3f} bits/byte"
       f" (unigram {baseline:.3f}), {tokens_per_s / 1e3:.1f}k tok/s"
       f" ({achieved / 1e12:.3g} TFLOP/s), {mfu}; wall"
@@ -886,26 +1035,77 @@ def _copy_plots(paths: list[str], out_json: str, prefix: str) -> list[str]:
   return copied
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose mistakes raise UsageError (one line, exit 2) instead of
+  printing the usage block."""
+
+  def error(self, message):
+    raise UsageError(f"{message} (see --help)")
+
+
+def _int_at_least(lo: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < lo:
+      raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+    return value
+  parse.__name__ = f"integer >= {lo}"
+  return parse
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+  return value
+
+
+def _make_dir(path: str, what: str) -> None:
+  """Creates directory `path` (if missing), or raises UsageError naming `what`."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError(f"{what} {path} is a file, not a directory.")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"{what} {path} cannot be created: {e.strerror}.") from None
+  if not os.access(path, os.W_OK):
+    raise UsageError(f"{what} {path} is not writable.")
+
+
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
-  p.add_argument("--steps", type=int, help="schedule length (total steps)")
+  """The command line; returns the results. Mistakes raise UsageError (the
+  script prints it in one line and exits with code 2)."""
+  p = _Parser(description=__doc__.split("\n")[0])
+  p.add_argument("--preset", choices=sorted(PRESETS),
+                 help="default: cpu-tiny, or on --resume the run's own")
+  p.add_argument("--steps", type=_int_at_least(1),
+                 help="total steps, the schedule's length; on --resume default the"
+                 " run's own, and a larger N trains on to N (the learning rate then"
+                 " follows the schedule of N)")
   p.add_argument("--run-dir",
                  help="default: a new /tmp/jmoe_train_lm/<preset>[-dense|-compare]-<time>;"
                  " --resume needs the run's --run-dir")
-  p.add_argument("--resume", action="store_true")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the run in --run-dir from its latest checkpoint")
   p.add_argument("--dense", action="store_true",
                  help="dense baseline: FFN width d_ff*top_k (+shared)")
   p.add_argument("--compare", action="store_true",
                  help="MoE then dense, same steps/tokens, in run-dir/{moe,dense}")
-  p.add_argument("--eval-every", type=int)
-  p.add_argument("--ckpt-every", type=int)
-  p.add_argument("--log-every", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--batch-size", type=int, help="sequences per step")
-  p.add_argument("--seq-len", type=int, help="bytes per sequence")
-  p.add_argument("--lr", type=float, help="peak learning rate")
-  p.add_argument("--time-budget", type=float, help="seconds per run (safety stop)")
+  p.add_argument("--eval-every", type=_int_at_least(0), help="0: only at the end")
+  p.add_argument("--ckpt-every", type=int, help="0: only at the end; < 0: none")
+  p.add_argument("--log-every", type=_int_at_least(1))
+  p.add_argument("--seed", type=_int_at_least(0))
+  p.add_argument("--batch-size", type=_int_at_least(1), help="sequences per step")
+  p.add_argument("--seq-len", type=_int_at_least(1), help="bytes per sequence")
+  p.add_argument("--lr", type=_positive_float, help="peak learning rate")
+  p.add_argument("--time-budget", type=_positive_float,
+                 help="seconds per run (safety stop)")
   p.add_argument("--gmm", choices=jmoe.GMM_IMPLEMENTATIONS,
                  help="grouped-matmul backend (default: jmoe's for the device)")
   p.add_argument("--no-plots", action="store_true")
@@ -913,25 +1113,75 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--out-json", help="results JSON; plots are copied beside it")
   args = p.parse_args(argv)
 
+  if args.dense and args.compare:
+    raise UsageError("--dense and --compare exclude each other (--compare trains"
+                     " both models).")
+  # On --resume, the run's own configuration (preset, mode, length and any flags
+  # it was started with) is the default.
+  meta = None
+  if args.resume:
+    if not args.run_dir:
+      raise UsageError("--resume needs --run-dir: the directory of the run to"
+                       " continue.")
+    if not os.path.isdir(args.run_dir):
+      raise UsageError(f"--run-dir {args.run_dir} does not exist: no run to resume.")
+    first = os.path.join(args.run_dir, "moe") if args.compare else args.run_dir
+    meta = saved_meta(first)
+    if meta is None:
+      raise UsageError(
+          f"{first} holds no checkpoint to resume from (no ckpt/ or an empty one);"
+          " drop --resume to start a fresh run in a fresh --run-dir.")
+  preset = args.preset or (meta or {}).get("preset") or "cpu-tiny"
+  if preset not in PRESETS:  # a checkpoint of a preset this file no longer has
+    raise UsageError(f"the run in {args.run_dir} used --preset {preset}, which this"
+                     f" train_lm lacks; pass one of {', '.join(sorted(PRESETS))}.")
   overrides = dict(steps=args.steps, eval_every=args.eval_every,
                    ckpt_every=args.ckpt_every, log_every=args.log_every,
                    seed=args.seed, time_budget_s=args.time_budget,
                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                    gmm_implementation=args.gmm)
-  cfg = dataclasses.replace(PRESETS[args.preset],
+  base = PRESETS[preset]
+  if meta is not None and preset == meta.get("preset", preset):
+    # The saved fields over the preset's (a field the checkpoint lacks keeps the
+    # preset's value).
+    fields = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in meta["config"].items() if k in fields}
+    if "sources" in saved:
+      saved["sources"] = tuple(saved["sources"])
+    base = dataclasses.replace(base, **saved)
+  is_dense = args.dense or (base.dense and not args.compare)
+  cfg = dataclasses.replace(base,
                             **{k: v for k, v in overrides.items() if v is not None})
-  suffix = "-compare" if args.compare else "-dense" if args.dense else ""
-  if args.resume and not args.run_dir:
-    p.error("--resume needs --run-dir: the directory of the run to continue")
+  suffix = "-compare" if args.compare else "-dense" if is_dense else ""
   # A fresh default directory per run: running the command twice never collides
-  # with the checkpoints of an earlier run (which a fresh run refuses to reuse).
+  # with an earlier run (which a fresh run refuses to reuse).
   stamp = time.strftime("%Y%m%d-%H%M%S")
   run_dir = args.run_dir or os.path.join("/tmp/jmoe_train_lm",
-                                         f"{args.preset}{suffix}-{stamp}")
-  kw = dict(progress=not args.no_progress, plots=not args.no_plots,
-            preset=args.preset)
+                                         f"{preset}{suffix}-{stamp}")
+  _make_dir(run_dir, "--run-dir")
+  if args.out_json:
+    if os.path.isdir(args.out_json):
+      raise UsageError(f"--out-json {args.out_json} is a directory; name a file in"
+                       " it, e.g. results.json.")
+    _make_dir(os.path.dirname(os.path.abspath(args.out_json)), "--out-json's folder")
+  kw = dict(progress=not args.no_progress, plots=not args.no_plots, preset=preset)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
-        f" ({jax.device_count()} device(s)); preset {args.preset}")
+        f" ({jax.device_count()} device(s)); preset {preset}")
+  print(f"run dir: {run_dir}", flush=True)
+  try:
+    out = _run(args, cfg, run_dir, is_dense, kw)
+  except KeyboardInterrupt:
+    print(f"\ntrain_lm: interrupted; {run_dir} keeps the checkpoints written so"
+          f" far: continue with --run-dir {run_dir} --resume", file=sys.stderr)
+    raise SystemExit(130) from None
+  resume_hint = (f" (continue or extend: --run-dir {run_dir} --resume [--steps N])"
+                 if cfg.ckpt_every >= 0 else "")
+  print(f"run dir: {run_dir}{resume_hint}", flush=True)
+  return out
+
+
+def _run(args, cfg: Config, run_dir: str, is_dense: bool, kw: dict) -> dict:
+  """The run(s) that `main` asked for; returns the results."""
 
   def write(out: dict) -> None:
     if args.out_json:
@@ -941,7 +1191,7 @@ def main(argv: list[str] | None = None) -> dict:
       print(f"wrote {args.out_json}", flush=True)
 
   if not args.compare:
-    run = train(dataclasses.replace(cfg, dense=args.dense or cfg.dense), run_dir,
+    run = train(dataclasses.replace(cfg, dense=is_dense), run_dir,
                 resume=args.resume, **kw)
     out = run.results
     if args.out_json:
@@ -969,14 +1219,16 @@ def main(argv: list[str] | None = None) -> dict:
       heldout_bpb_gain=r_d["heldout_bits_per_byte"] - r_m["heldout_bits_per_byte"],
       unigram_bits_per_byte=r_m["unigram_bits_per_byte"],
       tokens_per_s_moe=r_m["tokens_per_s"], tokens_per_s_dense=r_d["tokens_per_s"],
-      mfu_moe=r_m["mfu_vs_989_tflops"], mfu_dense=r_d["mfu_vs_989_tflops"]))
+      mfu_moe=r_m["mfu_vs_peak"], mfu_dense=r_d["mfu_vs_peak"],
+      mfu_vs_measured_matmul_moe=r_m["mfu_vs_measured_matmul"],
+      mfu_vs_measured_matmul_dense=r_d["mfu_vs_measured_matmul"]))
   print(json.dumps(out["comparison"], indent=1))
   if not args.no_plots:
     compare_png = plot_compare(
         {"MoE": moe.history, "dense": dense.history},
         os.path.join(run_dir, "compare.png"),
         baseline=r_m["unigram_bits_per_byte"],
-        title=f"{args.preset}: MoE vs dense at equal active FLOPs")
+        title=f"{kw['preset']}: MoE vs dense at equal active FLOPs")
     out["plots"] = [compare_png]
     if args.out_json:
       out["plots"] = (_copy_plots(r_m["plots"], args.out_json, "moe_")
@@ -986,6 +1238,15 @@ def main(argv: list[str] | None = None) -> dict:
   return out
 
 
+def _cli() -> int:
+  try:
+    main()
+  except UsageError as e:
+    print(f"train_lm: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == "__main__":
   warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-  main()
+  sys.exit(_cli())

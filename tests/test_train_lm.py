@@ -1,14 +1,17 @@
-"""Tests of examples/train_lm.py: a smoke run, exact resumption, the dense twin and
-the --compare command line, all on the tiny ci-smoke preset (one compile of each
-model per process: train_lm caches its compiled steps)."""
+"""Tests of examples/train_lm.py: a smoke run, exact resumption, extending a run's
+steps, the dense twin, the --compare command line and its one-line answers to
+mistakes, all on the tiny ci-smoke preset (one compile of each model and schedule
+length per process: train_lm caches its compiled steps)."""
 
 import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
 
 import jax
+import matplotlib.figure
 import numpy as np
 import pytest
 
@@ -17,7 +20,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
 import lm_data  # noqa: E402
 import train_lm  # noqa: E402
 
+from tests.utils import assert_rel  # noqa: E402
+
 CFG = train_lm.PRESETS["ci-smoke"]  # 8 steps, checkpoints every 4
+_QUIET = dict(progress=False, measure_matmul=False)
 
 
 def _leaves_equal(a, b):
@@ -66,8 +72,52 @@ def test_dense_twin_has_the_same_active_flops():
   assert w.dtype == np.float32  # float32 params, bf16 activations
 
 
-def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path):
-  run = train_lm.train(CFG, str(tmp_path), progress=False, measure_matmul=False)
+@pytest.fixture
+def plot_limits(monkeypatch):
+  """{file name: [(xlim, ylim) of each plotting axes]} of every figure saved."""
+  saved = {}
+  savefig = matplotlib.figure.Figure.savefig
+
+  def record(fig, path, *args, **kwargs):
+    saved[os.path.basename(path)] = [
+        (ax.get_xlim(), ax.get_ylim()) for ax in fig.axes
+        if ax.has_data() and ax.get_label() != "<colorbar>"]
+    return savefig(fig, path, *args, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+  return saved
+
+
+def _assert_loss_plot_fits(limits, history, baseline):
+  """Finite limits that hold every logged point (and the unigram line)."""
+  ((x0, x1), (y0, y1)), = limits
+  assert all(map(math.isfinite, (x0, x1, y0, y1))), limits
+  points = [(r["step"], r[k]) for r in history
+            for k in ("train_bpb", "heldout_bpb") if k in r]
+  assert points
+  for x, y in points:
+    assert x0 <= x <= x1 and y0 <= y <= y1, ((x, y), limits)
+  assert y0 <= baseline <= y1
+  # Fitted, not merely containing: the points span most of the height.
+  ys = [y for _, y in points] + [baseline]
+  assert max(ys) - min(ys) > 0.8 * (y1 - y0), (ys, limits)
+
+
+def test_schedule_is_optaxs_warmup_cosine_for_any_length():
+  import optax
+  for cfg in (CFG, train_lm.PRESETS["cpu-tiny"],
+              dataclasses.replace(CFG, warmup_steps=0)):
+    ref = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio)
+    steps = np.arange(cfg.steps + 3)
+    ours = jax.jit(train_lm.lr_schedule(cfg, jax.numpy.int32(cfg.steps)))
+    assert_rel(ours(steps), ref(steps), what=f"lr of {cfg.steps} steps")
+
+
+def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path, plot_limits):
+  run = train_lm.train(CFG, str(tmp_path), **_QUIET)
   r = run.results
   assert r["steps"] == CFG.steps == int(run.state["step"])
   assert int(run.state["data_position"]) == CFG.steps * CFG.batch_size
@@ -86,13 +136,23 @@ def test_smoke_run_writes_plots_checkpoint_and_results(tmp_path):
   np.testing.assert_allclose(share.sum(-1), 1.0, atol=1e-4)
   for name in ("loss.png", "experts.png", "results.json", "metrics.jsonl"):
     assert (tmp_path / name).stat().st_size > 0, name
+  # The axes fit the data: every point of loss.png lies inside its limits
+  # (ci-smoke's losses, ~7-9 bits per byte, were once all above the y-limit).
+  _assert_loss_plot_fits(plot_limits["loss.png"], run.history,
+                         r["unigram_bits_per_byte"])
+  assert len(plot_limits["experts.png"]) == CFG.num_layers
+  for (x0, x1), _ in plot_limits["experts.png"]:  # every logged step shows
+    assert x0 <= CFG.log_every and x1 >= CFG.steps
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["heldout_bits_per_byte"] == r["heldout_bits_per_byte"]
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["4", "8"]
-  # A fresh run refuses to overwrite checkpoints.
-  with pytest.raises(FileExistsError):
-    train_lm.train(CFG, str(tmp_path), progress=False, plots=False,
-                   measure_matmul=False)
+  # No datasheet peak for a CPU, so no MFU against one (nor a matmul, not asked).
+  if jax.devices()[0].platform == "cpu":
+    assert r["peak_tflops"] is None and r["mfu_vs_peak"] is None
+  assert r["mfu_vs_measured_matmul"] is None
+  # A fresh run refuses a directory that holds a run.
+  with pytest.raises(train_lm.UsageError, match="holds an earlier run"):
+    train_lm.train(CFG, str(tmp_path), plots=False, **_QUIET)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -112,17 +172,71 @@ def test_resume_continues_exactly(tmp_path):
   # The metric history continues too.
   logged = lambda run: [(h["step"], h["loss"]) for h in run.history if "loss" in h]
   assert logged(straight) == logged(resumed)
-  # A resumption with another model refuses.
-  with pytest.raises(ValueError, match="different configuration"):
+  # A resumption with another model refuses, as does one ending before the
+  # checkpoint.
+  with pytest.raises(train_lm.UsageError, match="different configuration.*d_ff"):
     train_lm.train(dataclasses.replace(CFG, d_ff=48), str(tmp_path / "b"),
-                   resume=True, progress=False, plots=False, measure_matmul=False)
+                   resume=True, plots=False, **_QUIET)
+  with pytest.raises(train_lm.UsageError, match="ends before the checkpoint"):
+    train_lm.train(dataclasses.replace(CFG, steps=CFG.steps - 1),
+                   str(tmp_path / "b"), resume=True, plots=False, **_QUIET)
 
 
-def test_compare_command_line(tmp_path):
+def test_extending_steps_equals_a_longer_run_when_the_schedule_allows(tmp_path):
+  # With a floor at the peak rate, the schedule after warm-up is the same
+  # constant for any length. A finished 4-step run resumed with --steps 8 must
+  # then be bitwise the straight 8-step run: the extension continues the data
+  # order, PRNG key, optimizer state and metric history exactly.
+  flat = dataclasses.replace(CFG, min_lr_ratio=1.0)
+  half = dataclasses.replace(flat, steps=CFG.steps // 2)
+  straight = train_lm.train(flat, str(tmp_path / "a"), plots=False, **_QUIET)
+  short = train_lm.train(half, str(tmp_path / "b"), plots=False, **_QUIET)
+  assert int(short.state["step"]) == half.steps
+  extended = train_lm.train(flat, str(tmp_path / "b"), resume=True, plots=False,
+                            **_QUIET)
+  assert extended.results["steps"] == flat.steps
+  _leaves_equal(straight.state, extended.state)
+  logged = lambda run: [(h["step"], h["loss"]) for h in run.history if "loss" in h]
+  assert logged(straight) == logged(extended)
+
+
+def test_extending_steps_follows_the_new_totals_schedule(tmp_path, plot_limits):
+  # A finished run (at the schedule's floor) resumed with twice its steps: it
+  # continues from its checkpoint to the new total, on the schedule of the new
+  # total, whose rate at the resume point is above the old floor.
+  half = dataclasses.replace(CFG, steps=CFG.steps // 2)
+  short = train_lm.train(half, str(tmp_path), plots=False, **_QUIET)
+  extended = train_lm.train(CFG, str(tmp_path), resume=True, **_QUIET)
+  assert extended.results["steps"] == int(extended.state["step"]) == CFG.steps
+  assert int(extended.state["data_position"]) == CFG.steps * CFG.batch_size
+  history = extended.history
+  assert history[:len(short.history)] == short.history  # the run's own past
+  new = [h for h in history if "loss" in h and h["step"] > half.steps]
+  assert [h["step"] for h in new] == list(range(
+      half.steps + CFG.log_every, CFG.steps + 1, CFG.log_every))
+  old_schedule, schedule = train_lm.lr_schedule(half), train_lm.lr_schedule(CFG)
+  floor = CFG.lr * CFG.min_lr_ratio
+  assert_rel(old_schedule(half.steps), floor, what="old floor")
+  for h in new:  # the logged rate is that of the interval's last update
+    assert_rel(h["lr"], schedule(h["step"] - 1), what=f"lr at {h['step']}")
+    assert h["lr"] > 1.2 * floor  # not the old run's floor
+  assert_rel(schedule(CFG.steps), floor, what="new floor")
+  _assert_loss_plot_fits(plot_limits["loss.png"], history,
+                         extended.results["unigram_bits_per_byte"])
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["config"]["steps"] == CFG.steps
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["4", "8"]
+
+
+def test_compare_command_line(tmp_path, capsys, plot_limits):
   out = tmp_path / "out" / "cmp.json"
+  run_dir = str(tmp_path / "run")
   res = train_lm.main(["--preset", "ci-smoke", "--compare",
-                       "--run-dir", str(tmp_path / "run"), "--out-json", str(out),
-                       "--no-progress"])
+                       "--run-dir", run_dir, "--out-json", str(out)])
+  lines = capsys.readouterr().out.splitlines()
+  # The run directory, printed first and last (after the device line).
+  assert lines[1] == f"run dir: {run_dir}", lines
+  assert lines[-1].startswith(f"run dir: {run_dir} ("), lines
   saved = json.loads(out.read_text())
   assert saved["comparison"] == res["comparison"]
   assert saved["moe"]["mode"] == "moe" and saved["dense"]["mode"] == "dense"
@@ -130,12 +244,121 @@ def test_compare_command_line(tmp_path):
   assert saved["moe"]["tokens_seen"] == saved["dense"]["tokens_seen"]
   assert saved["moe"]["flops_per_token"] == pytest.approx(
       saved["dense"]["flops_per_token"], rel=0.02)
-  for key in ("mfu_vs_989_tflops", "mfu_vs_measured_matmul", "tokens_per_s",
+  for key in ("mfu_vs_measured_matmul", "tokens_per_s", "matmul",
               "compile_s", "wall_clock_s", "jax_version", "device_kind", "date"):
     assert saved["moe"][key] is not None, key
+  # MFU only against ceilings of this device: a matmul measured here, and its
+  # datasheet peak where train_lm knows one (none for a CPU; 989 TFLOP/s is an
+  # H100/H200's).
+  assert saved["moe"]["matmul"]["n"] > 0 and saved["moe"]["matmul"]["tflops"] > 0
+  assert saved["comparison"]["mfu_vs_measured_matmul_moe"] > 0
+  device = jax.devices()[0]
+  peak = train_lm.peak_tflops(device.device_kind, CFG.dtype)
+  assert saved["moe"]["peak_tflops"] == peak
+  done = [line for line in lines if line.startswith("[moe] done:")]
+  assert len(done) == 1 and "matmul measured here" in done[0], lines
+  if device.platform == "cpu":
+    assert peak is None and saved["comparison"]["mfu_moe"] is None
+    assert not any("989" in line for line in lines), done
+  assert train_lm.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+  assert train_lm.peak_tflops("NVIDIA H200", "float32") is None
+  assert train_lm.peak_tflops("cpu", "bfloat16") is None
+  both = [json.loads(line) for mode in ("moe", "dense")
+          for line in open(os.path.join(run_dir, mode, "metrics.jsonl"))]
+  _assert_loss_plot_fits(plot_limits["compare.png"], both,
+                         res["comparison"]["unigram_bits_per_byte"])
   names = sorted(os.listdir(out.parent))
   assert names == ["cmp.json", "cmp_compare.png", "cmp_dense_loss.png",
                    "cmp_moe_experts.png", "cmp_moe_loss.png"], names
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """The directory of a finished ci-smoke run started with --seed 1 (checkpoints
+  at steps 4 and 8)."""
+  run_dir = str(tmp_path_factory.mktemp("finished"))
+  train_lm.train(dataclasses.replace(CFG, seed=1), run_dir, plots=False,
+                 preset="ci-smoke", **_QUIET)
+  return run_dir
+
+
+def test_resume_defaults_to_the_runs_own_configuration(finished_run, capsys):
+  # No --preset, --seed or --steps: the run's own (ci-smoke, 1, 8). It is finished,
+  # so nothing is trained; its checkpoint is evaluated again.
+  res = train_lm.main(["--run-dir", finished_run, "--resume", "--no-plots"])
+  assert res["preset"] == "ci-smoke" and res["config"]["seed"] == 1
+  assert res["steps"] == CFG.steps and not res["stopped_early"]
+  assert f"resumed at step {CFG.steps} of {CFG.steps}" in capsys.readouterr().out
+
+
+# Mistakes on the command line, and the start of the one-line answer to each.
+MISTAKES = {
+    "bad preset": (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+    "zero steps": (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    "text for a number": (["--lr", "fast"], "argument --lr: expected a number"),
+    "resume without run dir": (["--resume"], "--resume needs --run-dir"),
+    "resume a missing dir": (["--run-dir", "{missing}", "--resume"], "--run-dir"),
+    "resume a dir without checkpoints": (["--run-dir", "{empty}", "--resume"],
+                                         "{empty} holds no checkpoint"),
+    "fresh run into a used dir": (["--run-dir", "{run}", "--preset", "ci-smoke"],
+                                  "{run} holds an earlier run"),
+    "resume before the checkpoint": (["--run-dir", "{run}", "--resume",
+                                      "--steps", "4"],
+                                     "--steps 4 ends before the checkpoint at step 8"),
+    "resume another config": (["--run-dir", "{run}", "--resume", "--batch-size",
+                               "4"], "--resume with a different configuration"),
+    "resume another preset": (["--run-dir", "{run}", "--resume", "--preset",
+                               "cpu-tiny"],
+                              "--resume with a different configuration (the run"
+                              " began as --preset ci-smoke)"),
+    "dense and compare": (["--dense", "--compare"], "--dense and --compare"),
+    "run dir is a file": (["--run-dir", "{file}"], "--run-dir {file} is a file"),
+    "out json under a file": (["--run-dir", "{empty}", "--out-json",
+                               "{file}/r.json"], "--out-json's folder {file} is a file"),
+    "out json is a directory": (["--run-dir", "{empty}", "--out-json", "{empty}"],
+                                "--out-json {empty} is a directory"),
+    "windows longer than the data": (["--run-dir", "{empty}", "--preset",
+                                      "ci-smoke", "--seq-len", "4000000"],
+                                     "lm_data: too little data"),
+}
+
+
+def _mistake(name, finished_run, tmp_path):
+  (tmp_path / "empty").mkdir(exist_ok=True)
+  (tmp_path / "a_file").write_text("")
+  dirs = dict(run=finished_run, missing=str(tmp_path / "missing"),
+              empty=str(tmp_path / "empty"), file=str(tmp_path / "a_file"))
+  argv, answer = MISTAKES[name]
+  return [a.format(**dirs) for a in argv], answer.format(**dirs)
+
+
+@pytest.mark.parametrize("name", sorted(MISTAKES))
+def test_command_line_mistakes_are_answered(name, finished_run, tmp_path):
+  argv, answer = _mistake(name, finished_run, tmp_path)
+  with pytest.raises(train_lm.UsageError) as e:
+    train_lm.main(argv + ["--no-progress", "--no-plots"])
+  assert str(e.value).startswith(answer), str(e.value)
+  assert "\n" not in str(e.value)
+  # Nothing was trained or overwritten.
+  assert sorted(os.listdir(os.path.join(finished_run, "ckpt"))) == ["4", "8"]
+
+
+@pytest.mark.parametrize("name", ["bad preset", "resume before the checkpoint"])
+def test_script_answers_mistakes_in_one_line_with_exit_code_2(name, finished_run,
+                                                              tmp_path):
+  argv, answer = _mistake(name, finished_run, tmp_path)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "examples", "train_lm.py"), *argv],
+      capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  errors = [line for line in proc.stderr.splitlines()
+            if line.startswith("train_lm:")]
+  assert errors == [f"train_lm: error: {errors[0][len('train_lm: error: '):]}"]
+  assert errors[0].startswith(f"train_lm: error: {answer}"), proc.stderr
+  assert "Traceback" not in proc.stderr + proc.stdout
 
 
 @pytest.mark.skipif(jax.devices()[0].platform == "gpu",
