@@ -65,6 +65,53 @@ def _proj(x: Array, w: Array, spec: str, bias: Array | None = None) -> Array:
 
 
 QK_NORMS = ("per_head", "full")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def _nvidia_gpu() -> tuple[bool, bool]:
+  """(default backend is an NVIDIA GPU, and it is Hopper or later)."""
+  if jax.default_backend() != "gpu":
+    return False, False
+  dev = jax.devices()[0]
+  if "nvidia" not in dev.device_kind.lower() and "nvidia" not in str(
+      getattr(dev.client, "platform_version", "")).lower():
+    return False, False
+  cc = getattr(dev, "compute_capability", None)
+  try:
+    major = int(str(cc).split(".")[0])
+  except ValueError:
+    major = 0
+  return True, major >= 9
+
+
+def cudnn_attention_fits(dtype, head_dim: int) -> str | None:
+  """Why cuDNN flash attention cannot run here (None: it can): an NVIDIA GPU,
+  bf16/f16, head_dim a multiple of 8 and <= 128 (256 on Hopper and later)."""
+  gpu, hopper = _nvidia_gpu()
+  if not gpu:
+    return f"the default backend is {jax.default_backend()!r}, not an NVIDIA GPU"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"the compute dtype is {jnp.dtype(dtype).name}, not bfloat16/float16"
+  h_max = 256 if hopper else 128
+  if head_dim % 8 or head_dim > h_max:
+    return f"head_dim={head_dim} is not a multiple of 8 up to {h_max}"
+  return None
+
+
+def attention_implementation(requested: str | None, dtype, head_dim: int) -> str:
+  """The `jax.nn.dot_product_attention` implementation to use (see
+  `AttentionConfig.implementation`): None resolves to "cudnn" where it fits,
+  else "xla"; an explicit "cudnn" that cannot run raises a ValueError saying why."""
+  if requested == "xla":
+    return "xla"
+  why = cudnn_attention_fits(dtype, head_dim)
+  if requested is None:
+    return "xla" if why else "cudnn"
+  if why:
+    raise ValueError(
+        f"Attention: implementation='cudnn' cannot run: {why}; use"
+        " implementation=None (cuDNN where it fits, else XLA) or 'xla'.")
+  return "cudnn"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,6 +129,12 @@ class AttentionConfig:
       the whole projected width before the head split, OLMoE).
     norm_eps: epsilon of the q/k RMSNorms; None: the model's
       (`TransformerConfig.norm_eps`), or 1e-6 for an `Attention` on its own.
+    implementation: the `implementation` of `jax.nn.dot_product_attention` for
+      the causal forward: "xla" (scores materialised), "cudnn" (cuDNN flash
+      attention: NVIDIA GPUs, bf16/f16, head_dim a multiple of 8 up to 128, or 256
+      on Hopper and later), or None: "cudnn" where those hold, "xla" elsewhere
+      (CPU, TPU, float32). `Attention.decode` (KV cache, boolean mask) always
+      uses "xla".
   """
 
   num_heads: int
@@ -92,6 +145,7 @@ class AttentionConfig:
   out_bias: bool = False
   qk_norm: Literal["per_head", "full"] | None = None
   norm_eps: float | None = None
+  implementation: Literal["xla", "cudnn"] | None = None
 
   def __post_init__(self):
     fn = "AttentionConfig"
@@ -108,6 +162,9 @@ class AttentionConfig:
           f"{fn}: RoPE needs an even, positive `head_dim`; got {self.head_dim}.")
     if self.qk_norm is not None:
       checks.check_choice(fn, "qk_norm", self.qk_norm, QK_NORMS)
+    if self.implementation is not None:
+      checks.check_choice(fn, "implementation", self.implementation,
+                          ATTENTION_IMPLEMENTATIONS)
 
   def resolve(self, d_model: int, *, norm_eps: float = 1e-6) -> AttentionConfig:
     """This config with every default filled in for a model of width `d_model`:
@@ -272,7 +329,9 @@ class Attention(nnx.Module):
           f"{fn}: `positions` must have shape [batch, seq]=({b}, {s}); got"
           f" {positions.shape}.")
     q, k, v = self.project_qkv(x, positions)
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    impl = attention_implementation(self.config.implementation, q.dtype,
+                                    self.head_dim)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     return self.project_out(o)
 
   def decode(self, x: Array, k_cache: Array, v_cache: Array, index: Array

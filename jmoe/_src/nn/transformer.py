@@ -154,7 +154,8 @@ class TransformerConfig:
   def make(cls, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
            d_ff: int, **options) -> TransformerConfig:
     """From sizes and flat keywords: a keyword naming an `AttentionConfig` field
-    (num_kv_heads, head_dim, rope_theta, qkv_bias, out_bias, qk_norm) sets the
+    (num_kv_heads, head_dim, rope_theta, qkv_bias, out_bias, qk_norm,
+    implementation) sets the
     attention's, every other one this config's.
 
       TransformerConfig.make(vocab, 512, 8, 8, 1024, num_kv_heads=2, num_experts=8)
