@@ -7,6 +7,7 @@ Flax NNX modules and the model configs live in `jmoe.nn`, the Linen wrapper in
 `jmoe.hf`.
 """
 
+from jmoe._src.checks import ShapeDtypeError as ShapeDtypeError
 from jmoe._src.gmm.api import IMPLEMENTATIONS as GMM_IMPLEMENTATIONS
 from jmoe._src.gmm.api import default_implementation as default_gmm_implementation
 from jmoe._src.gmm.api import gmm as gmm
