@@ -8,7 +8,11 @@ sum(group_sizes), their input gradient, an empty group's weight gradient); fuzze
 group sizes; group_offset; odd k and n; bf16 and float32; and every transformation
 `lax.ragged_dot` supports (jvp, jacfwd, second order, vmap, export with symbolic
 shapes, shard_map with check_vma, numpy inputs, eager calls without recompiling),
-plus the float32 cotangent of bf16 operands. Tolerances come only from
+plus the float32 cotangent of bf16 operands; and `lax.ragged_dot`'s surface and
+jmoe's one answer to bad input: integer and mixed operand dtypes (lax's result
+dtype), `precision` honoured, `out_sharding`, negative group sizes, sums past m,
+out-of-range offsets, empty and zero-width operands, non-finite values, and
+checkify reporting what only values show. Tolerances come only from
 `tests.utils.tol` / `assert_rel`, keyed by the operand dtype.
 
 A subclass names the backend (`IMPL`, `OPTIONS`) and the shapes: tiny odd ones on
@@ -27,10 +31,11 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from jax.experimental import checkify
 
 import jmoe
 from jmoe._src.gmm import ops
-from tests.utils import assert_rel
+from tests.utils import assert_rel, rel_err, tol
 
 F32, BF16, F16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
 P = jax.sharding.PartitionSpec
@@ -105,6 +110,13 @@ def fit_sizes(sizes, m):
   return sizes.astype(np.int32)
 
 
+def effective_sizes(sizes, m):
+  """The group sizes jmoe.gmm reads (its documented bad-input behaviour): a
+  negative size is 0, and groups are cut at row m."""
+  ends = np.minimum(np.cumsum(np.maximum(np.asarray(sizes, np.int64), 0)), m)
+  return np.diff(np.concatenate([[0], ends])).astype(np.int64)
+
+
 @contextlib.contextmanager
 def count_compiles():
   """Collects the names of the XLA compilations inside the block."""
@@ -163,9 +175,8 @@ def check_against_oracle(got, lhs, rhs, group_sizes, dy, group_offset=None, *,
                                 err_msg=f"{what} out rows outside the groups")
   np.testing.assert_array_equal(f64(dl)[~local], 0.0,
                                 err_msg=f"{what} dlhs rows outside the groups")
-  local_sizes = np.zeros(num_local, np.int64)
-  avail = sizes[lo:lo + num_local]
-  local_sizes[:len(avail)] = avail
+  local_sizes = np.array([sizes[lo + l] if 0 <= lo + l < len(sizes) else 0
+                          for l in range(num_local)], np.int64)
   np.testing.assert_array_equal(f64(dr)[local_sizes == 0], 0.0,
                                 err_msg=f"{what} drhs of empty groups")
 
@@ -219,8 +230,10 @@ class GmmChecks:
     got = fwd_bwd(lhs, rhs, gs, dy, off, impl=self.IMPL, options=self.OPTIONS,
                   out_dtype=lhs.dtype, transpose_rhs=transpose_rhs)
     assert got[0].dtype == lhs.dtype
-    check_against_oracle(got, lhs, rhs, sizes, dy, offset, dtype=lhs.dtype,
+    check_against_oracle(got, lhs, rhs, effective_sizes(sizes, lhs.shape[0]),
+                         dy, offset, dtype=lhs.dtype,
                          transpose_rhs=transpose_rhs, what=what)
+    return got
 
   def small_inputs(self, dtype=F32, seed=0):
     m, k, n, g = self.SMALL
@@ -493,3 +506,241 @@ class GmmChecks:
     got = jax.jit(run)(lhs, rhs)
     check_against_oracle(got, lhs, rhs, sizes, dy, dtype=self.DTYPES[0],
                          what=f"[{shards} shards]")
+
+  # -- lax.ragged_dot's surface: dtypes, precision, out_sharding
+
+  def test_integer_and_mixed_dtypes(self):
+    """The operand dtypes lax.ragged_dot takes, with the result dtype it gives:
+    int8 x int8 (int8, wrapping as lax's does; int32 when asked), int8 x bf16
+    (bf16, differentiable in rhs), f16 x bf16 (bf16), bool x bool. Kernel
+    backends run what they cannot take on their fallback."""
+    m, k, n, g = self.SMALL
+    sizes = self.SMALL_SIZES
+    gs = jnp.asarray(sizes, jnp.int32)
+    rng = np.random.default_rng(16)
+    i8 = lambda shape: jnp.asarray(rng.integers(-100, 100, shape), jnp.int8)
+    a8, w8 = i8((m, k)), i8((g, k, n))
+    lax_dtype = lambda a, b, pet=None: jax.eval_shape(
+        lambda a, b: jax.lax.ragged_dot(a, b, gs, preferred_element_type=pet),
+        a, b).dtype
+    exact = lambda a, b: loop_oracle(np.asarray(a, np.int64),
+                                     np.asarray(b, np.int64), sizes)[0]
+
+    @jax.jit
+    def run(a8, w8, wb, a16):
+      return (self.gmm(a8, w8, gs),
+              self.gmm(a8, w8, gs, preferred_element_type=jnp.int32),
+              self.gmm(a8, wb, gs), self.gmm(a16, wb, gs),
+              self.gmm(a8 > 0, w8 > 0, gs),
+              jax.grad(lambda w: jnp.sum(self.gmm(a8, w, gs).astype(F32)))(wb))
+
+    wb = (w8.astype(F32) / 64).astype(BF16)
+    a16 = (a8.astype(F32) / 32).astype(F16)
+    o8, o32, ob, o16, obool, dwb = run(a8, w8, wb, a16)
+    assert o8.dtype == lax_dtype(a8, w8) == jnp.int8
+    want = exact(a8, w8)
+    assert np.abs(want).max() > 127  # the int8 result wraps
+    np.testing.assert_array_equal(np.asarray(o8), want.astype(np.int64)
+                                  .astype(np.int8))
+    assert o32.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(o32), want)
+    assert ob.dtype == lax_dtype(a8, wb) == BF16
+    assert_rel(ob, loop_oracle(a8, wb, sizes)[0], BF16, "int8 x bf16")
+    assert o16.dtype == lax_dtype(a16, wb) == BF16
+    assert_rel(o16, loop_oracle(a16, wb, sizes)[0], BF16, "f16 x bf16")
+    assert obool.dtype == lax_dtype(a8 > 0, w8 > 0) == jnp.bool_
+    np.testing.assert_array_equal(
+        np.asarray(obool), exact(a8 > 0, w8 > 0) > 0)
+    assert dwb.dtype == BF16
+    ones = np.ones((m, n))
+    assert_rel(dwb, loop_oracle(a8, wb, sizes, ones)[2], BF16, "int8 x bf16 drhs")
+
+  def test_precision_is_honoured(self):
+    """precision reaches every product. Where XLA honours dot algorithms (GPU),
+    float32 operands with BF16_BF16_F32 give the products of their bf16
+    roundings, which no float32 tolerance mistakes for the float32 products;
+    XLA:CPU ignores algorithms in its numerics (lax.dot_general's too), so there
+    every dot of the lowered forward and backward must carry the precision."""
+    m, k, n, g = self.FUZZ_SHAPE
+    lhs, rhs, dy = make_inputs(m, k, n, g, F32, seed=17)
+    sizes = fit_sizes(np.arange(g) * 5 % 7 + 1, m - 2)
+    gs = jnp.asarray(sizes)
+    bf16 = jax.lax.DotAlgorithmPreset.BF16_BF16_F32
+    highest = jax.lax.Precision.HIGHEST
+
+    def run(precision):
+      f = lambda a, b: self.gmm(a, b, gs, precision=precision)
+      def fwd_bwd(a, b):
+        out, vjp = jax.vjp(f, a, b)
+        return (out, *vjp(dy))
+      return jax.jit(fwd_bwd)
+
+    if jax.devices()[0].platform == "cpu":
+      for precision, attr in ((highest, "precision = [HIGHEST, HIGHEST]"),
+                              (bf16, "lhs_precision_type = bf16")):
+        text = run(precision).lower(lhs, rhs).as_text()
+        dots = [line for line in text.splitlines() if "dot_general" in line]
+        assert len(dots) >= 3, dots  # forward, input and weight gradients
+        assert all(attr in line for line in dots), (precision, dots)
+      return
+    got_hi = run(highest)(lhs, rhs)
+    got_lo = run(bf16)(lhs, rhs)
+    ref = loop_oracle(lhs, rhs, sizes, dy)
+    rounded = loop_oracle(lhs.astype(BF16), rhs.astype(BF16), sizes,
+                          dy.astype(BF16))
+    for i, name in enumerate(("out", "dlhs", "drhs")):
+      assert_rel(got_hi[i], ref[i], F32, f"HIGHEST {name}")
+      assert_rel(got_lo[i], rounded[i], F32, f"BF16_BF16_F32 {name}")
+      assert rel_err(got_lo[i], ref[i]) > 100 * tol(F32), f"{name}: ignored"
+
+  def test_out_sharding(self):
+    """out_sharding as lax.ragged_dot takes it: over Explicit mesh axes the
+    result has it (by default lhs's rows and rhs's columns, where lax asks for
+    it), values and gradients unchanged; a PartitionSpec of Auto axes is refused
+    as lax refuses it."""
+    m, k, n, g = self.SMALL
+    lhs, rhs, gs = self.small_inputs(seed=18)
+    dy = jax.random.normal(jax.random.key(19), (m, n))
+    ref, dl_ref, dr_ref = loop_oracle(lhs, rhs, gs, dy)
+    devices = jax.devices()
+    shards = max(s for s in (1, 2, 4) if s <= len(devices) and m % s == 0)
+    axis_types = lambda t: dict(axis_types=(t,))
+    explicit = jax.sharding.Mesh(np.array(devices[:shards]), ("x",),
+                                 **axis_types(jax.sharding.AxisType.Explicit))
+
+    @jax.jit
+    def run(a, b):
+      cols = self.gmm(a, b, gs, out_sharding=P(None, "x"))
+      rows = jax.sharding.reshard(a, P("x"))
+      f = lambda a, b: self.gmm(a, b, gs)  # default: as lhs's rows
+      out, vjp = jax.vjp(f, rows, b)
+      return cols, out, *vjp(dy)
+
+    with jax.set_mesh(explicit):
+      cols, out, dl, dr = run(lhs, rhs)
+    assert jax.typeof(cols).sharding.spec == P(None, "x")
+    assert jax.typeof(out).sharding.spec == P("x", None)
+    assert_rel(cols, ref, F32, "out_sharding=P(None, x)")
+    assert_rel(out, ref, F32, "lhs rows sharded")
+    assert_rel(dl, dl_ref, F32, "lhs rows sharded: dlhs")
+    assert_rel(dr, dr_ref, F32, "lhs rows sharded: drhs")
+    auto = jax.sharding.Mesh(np.array(devices[:shards]), ("x",),
+                             **axis_types(jax.sharding.AxisType.Auto))
+    with jax.set_mesh(auto):
+      with pytest.raises(ValueError, match="Auto"):
+        self.gmm(lhs, rhs, gs, out_sharding=P("x"))
+
+  # -- bad input: one answer on every backend
+
+  def test_negative_group_sizes_read_as_zero(self):
+    """A negative group size is read as 0 (the groups after it keep their
+    rows), eager and under jit; checkify reports it (test_checkify_reports)."""
+    m, k, n, g = self.FUZZ_SHAPE
+    lhs, rhs, dy = make_inputs(m, k, n, g, self.DTYPES[0], seed=20)
+    base = fit_sizes(np.arange(g) * 3 % 5 + 2, m // 2)
+    for i in (0, g // 2, g - 1):
+      sizes = base.copy()
+      sizes[i] = -(i + 3)
+      self.run_case(lhs, rhs, sizes.tolist(), dy, what=f"[{sizes.tolist()}]")
+    lhs, rhs, gs = self.small_inputs(seed=20)   # eagerly
+    eager = self.gmm(lhs, rhs, gs.at[1].set(-3))
+    np.testing.assert_array_equal(np.asarray(eager),
+                                  np.asarray(self.gmm(lhs, rhs, gs.at[1].set(0))))
+
+  def test_group_sizes_past_m_are_cut(self):
+    """sum(group_sizes) > m: groups are cut at row m (the group that crosses it
+    is shortened, the later ones are empty), also for sums past int32."""
+    m, k, n, g = self.FUZZ_SHAPE
+    lhs, rhs, dy = make_inputs(m, k, n, g, self.DTYPES[0], seed=21)
+    big = np.iinfo(np.int32).max
+    for sizes in ([m // 2, m // 2 + 3] + [5] * (g - 2),
+                  [m + 7] + [1] * (g - 1),
+                  [3] + [big] * (g - 1)):
+      self.run_case(lhs, rhs, sizes, dy, what=f"[{sizes}]")
+
+  def test_group_offset_out_of_range(self):
+    """group_offset outside [0, G - L]: local groups that are not groups of
+    group_sizes are empty (zeros, zero weight gradient), on every backend; no
+    clamping, also at the int32 extremes."""
+    m, k, n, sizes, num_local, _ = next(iter(self.OFFSET_CASES.values()))
+    lhs, rhs, dy = make_inputs(m, k, n, num_local, self.DTYPES[0], seed=22)
+    g = len(sizes)
+    i32 = np.iinfo(np.int32)
+    for offset in (-num_local - 1, -1, g - num_local + 1, g, g + 3, i32.min,
+                   i32.max):
+      self.run_case(lhs, rhs, sizes, dy, offset, what=f"[offset={offset}]")
+
+  @pytest.mark.parametrize("shape", [(0, 8, 8, 2), (6, 0, 8, 2), (6, 8, 0, 2),
+                                     (6, 8, 8, 0)], ids=["m0", "k0", "n0", "G0"])
+  def test_empty_shapes_are_zeros(self, shape):
+    """min(m, k, n, G) == 0 gives zeros (and zero gradients), eager and under
+    jit, statically: no primitive is bound (sizes that do not fit m=0 are cut
+    to nothing, as any sum past m)."""
+    m, k, n, g = shape
+    dtype = self.DTYPES[0]
+    lhs, rhs = jnp.ones((m, k), dtype), jnp.ones((g, k, n), dtype)
+    gs = jnp.full((max(g, 1),), 3, jnp.int32)
+    off = None if g else jnp.int32(0)
+    f = lambda a, b: jmoe.gmm(a, b, gs, group_offset=off, implementation=self.IMPL)
+    assert "jmoe_gmm" not in str(jax.make_jaxpr(f)(lhs, rhs))
+    grad = jax.grad(lambda a, b: jnp.sum(f(a, b).astype(F32)), (0, 1))
+    for out, (dl, dr) in ((f(lhs, rhs), grad(lhs, rhs)),
+                          jax.jit(lambda a, b: (f(a, b), grad(a, b)))(lhs, rhs)):
+      assert out.shape == (m, n) and out.dtype == dtype
+      assert dl.shape == lhs.shape and dr.shape == rhs.shape
+      for x in (out, dl, dr):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), 0.0)
+
+  def test_non_finite_values_stay_in_their_group(self):
+    """NaN/inf reach only the products that read them: an inf in rhs[h] makes
+    some of group h's rows (and their input gradient) non-finite and nothing
+    else; a NaN in one row of lhs, that row and its group's weight gradient;
+    NaN in lhs and dy rows outside the local groups or past the total reaches
+    nothing. Checked against the per-group float64 loop on the same values: same
+    non-finite entries, the finite ones within tolerance."""
+    m, k, n, sizes, num_local, offsets = next(iter(self.OFFSET_CASES.values()))
+    dtype = self.DTYPES[0]
+    lhs, rhs, dy = make_inputs(m, k, n, num_local, dtype, seed=23)
+    offset = 1
+    ends = np.cumsum(sizes)
+    starts = ends - np.asarray(sizes)
+    # Rows of the group before the local ones (non-local) and the tail.
+    outside = list(range(starts[0], ends[0])) + list(range(ends[-1], m))
+    assert outside, "the case needs rows outside the local groups"
+    h = next(l for l in range(num_local) if sizes[offset + l] > 1)
+    row_h = starts[offset + h]
+    lhs = lhs.at[np.array(outside)].set(jnp.nan).at[row_h, 1].set(jnp.nan)
+    dy = dy.at[np.array(outside)].set(jnp.nan)
+    w = (h + 1) % num_local
+    rhs = rhs.at[w, 2, 3].set(jnp.inf)
+    got = fwd_bwd(lhs, rhs, jnp.asarray(sizes, jnp.int32), dy, jnp.int32(offset),
+                  impl=self.IMPL, options=self.OPTIONS, out_dtype=dtype)
+    want = loop_oracle(lhs, rhs, sizes, dy, offset)
+    for name, a, b in zip(("out", "dlhs", "drhs"), got, want):
+      a = np.asarray(a, np.float64)
+      np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b),
+                                    err_msg=f"{name}: non-finite entries")
+      fin = np.isfinite(b)
+      assert_rel(a[fin], b[fin], dtype, f"{name} (finite entries)")
+    assert not np.isfinite(np.asarray(got[0], np.float64)[row_h]).all()
+    np.testing.assert_array_equal(np.asarray(got[0], np.float64)[outside], 0.0)
+
+  def test_checkify_reports(self):
+    """Under checkify.checkify (user checks) negative sizes, sums past m and
+    offsets outside [0, G - L] are reported, through jit; without checkify the
+    checks cost nothing and the other tests' documented results hold."""
+    lhs, rhs, _ = self.small_inputs(seed=24)
+    m, g = lhs.shape[0], rhs.shape[0]
+    checked = jax.jit(checkify.checkify(lambda a, b, s, o: self.gmm(a, b, s, o)))
+    good = jnp.asarray(self.SMALL_SIZES, jnp.int32)
+    err, _ = checked(lhs, rhs, good, jnp.int32(0))
+    assert err.get() is None, err.get()
+    cases = {
+        "`group_sizes` must be >= 0": (good.at[1].set(-2), 0),
+        f"sum\\(group_sizes\\) must be <= m={m}": (good.at[1].set(m), 0),
+        "`group_offset` must be in \\[0, 0\\]": (good, g),
+    }
+    for msg, (s, o) in cases.items():
+      err, _ = checked(lhs, rhs, s, jnp.int32(o))
+      with pytest.raises(checkify.JaxRuntimeError, match=msg):
+        err.throw()

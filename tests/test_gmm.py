@@ -190,9 +190,13 @@ def test_implementation_names():
     ops.canonical_name("cuda")
   lhs, rhs, _ = make_inputs(20, 8, 8, 2, F32)
   gs = jnp.array([5, 10], jnp.int32)
-  jaxprs = [str(jax.make_jaxpr(lambda a, b: jmoe.gmm(a, b, gs, implementation=i))(
-      lhs, rhs)) for i in ("pallas_triton", "pallas")]
-  assert jaxprs[0] == jaxprs[1] and "implementation=pallas" in jaxprs[0]
+  # The bound primitives are the same (the rest of the jaxprs differs only in the
+  # ids checkify.debug_check draws per trace).
+  eqns = [[str(e) for e in jax.make_jaxpr(
+      lambda a, b: jmoe.gmm(a, b, gs, implementation=i))(lhs, rhs).eqns
+           if e.primitive is ops.gmm_p] for i in ("pallas_triton", "pallas")]
+  assert len(eqns[0]) == 1 and eqns[0] == eqns[1]
+  assert "implementation=pallas" in eqns[0][0]
 
 
 def test_default_implementation_on_this_backend():
@@ -304,25 +308,6 @@ def test_no_backend_for_dtype(fake_backends):
   with pytest.raises(TypeError, match="no backend takes float32"):
     ops.gmm(jnp.ones((4, 8)), jnp.ones((1, 8, 8)), jnp.array([4]),
             implementation="fake16")
-
-
-@pytest.mark.parametrize("impl", ["xla", "reference", "pallas_interpret"])
-@pytest.mark.parametrize("shape", [(0, 8, 8, 2), (6, 0, 8, 2), (6, 8, 0, 2),
-                                   (6, 8, 8, 0)], ids=["m0", "k0", "n0", "L0"])
-def test_empty_shapes_are_zeros(impl, shape):
-  """min(m, k, n, L) == 0 gives zeros (and zero gradients), statically: no
-  primitive is bound."""
-  m, k, n, g = shape
-  lhs, rhs = jnp.ones((m, k)), jnp.ones((g, k, n))
-  gs = jnp.zeros((max(g, 1),), jnp.int32)
-  off = None if g else jnp.int32(0)
-  f = lambda a, b: jmoe.gmm(a, b, gs, group_offset=off, implementation=impl)
-  jaxpr = jax.make_jaxpr(f)(lhs, rhs)
-  assert "jmoe_gmm" not in str(jaxpr)
-  out = f(lhs, rhs)
-  assert out.shape == (m, n) and not np.asarray(out).any()
-  dl, dr = jax.grad(lambda a, b: jnp.sum(f(a, b)), (0, 1))(lhs, rhs)
-  assert dl.shape == lhs.shape and dr.shape == rhs.shape
 
 
 def test_symbolic_shapes_lower_to_xla(monkeypatch):

@@ -27,22 +27,32 @@ The backend interface. A backend is a module exposing
   tgmm(lhs, dy, group_sizes, group_offset, *, num_local, out_dtype, precision,
        config=None) -> [num_local, k, n]
   supports_dtype(dtype) -> bool     # operand dtypes its kernels take
-  FALLBACK: str | None              # backend for the dtypes it does not take
+  supports_precision(precision, dtype) -> bool   # optional (default: all)
+  FALLBACK: str | None              # backend for what it does not take
 
 called with lhs.dtype == rhs.dtype (== dy.dtype), int32 group_sizes [G] (all
-groups, G >= L), an int32 scalar group_offset (never None), static shapes with
-m, k, n, L >= 1, and float32 accumulation expected; rows outside the local groups
-and rows past sum(group_sizes) are zeros, and so is an empty group's tgmm. `config`
-is the backend's own hashable value or None (its default); it reaches the backend
-untouched (`GmmOptions`), and is dropped (None) when a fallback backend runs.
+groups, G >= L) that are >= 0 and sum to at most m, an int32 scalar group_offset
+in [-L, G] (never None), static shapes with m, k, n, L >= 1, a canonical
+`precision` (None, a pair of `lax.Precision`, a `lax.DotAlgorithmPreset` or a
+`lax.DotAlgorithm`) that it honours, and accumulation expected in
+`accumulation_dtype(lhs.dtype)`. Rows outside the local groups and rows past
+sum(group_sizes) are zeros, and so is an empty group's tgmm; a non-finite value
+reaches only the products that read it (rows of other groups never see it).
+`config` is the backend's own hashable value or None (its default); it reaches the
+backend untouched (`GmmOptions`), and is dropped (None) when a fallback runs.
 
-What no backend handles, this module does: operand dtype promotion (lhs, rhs and
-cotangents to one compute dtype, so a float32 cotangent of bf16 operands is never
-rounded to bf16), int32 group sizes, a None group_offset, empty shapes
+What no backend handles, this module does: the result dtype (lax.dot_general's
+rule, as lax.ragged_dot), operand promotion (lhs, rhs and cotangents to one
+compute dtype, so a float32 cotangent of bf16 operands is never rounded to bf16),
+the precision (canonicalized as lax does, `jax_default_matmul_precision`
+included), group sizes and offsets (to int32, normalized as above, and checked
+with `checkify.debug_check`), a None group_offset, empty shapes
 (min(m, k, n, L) == 0 gives zeros, statically), symbolic shapes (jax.export shape
 polymorphism: the kernels need static shapes, so those lower to "xla"), the dtype
-fallback, and the varying manual axes of shard_map (operands are cast to vary
-over the union of their axes before the bind; the backends see plain types).
+and precision fallback, `out_sharding` and explicit mesh axes (the products run
+inside `jax.sharding.auto_axes`), and the varying manual axes of shard_map
+(operands are cast to vary over the union of their axes before the bind; the
+backends see plain types).
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
@@ -90,6 +101,7 @@ class Backend(NamedTuple):
   gmm: Callable[..., Array]
   tgmm: Callable[..., Array]
   supports_dtype: Callable[[Any], bool]
+  supports_precision: Callable[[Any, Any], bool]
   fallback: str | None
 
 
@@ -111,24 +123,116 @@ def backend(name: str) -> Backend:
   bind = lambda f: functools.partial(f, **kwargs) if kwargs else f
   return Backend(name=name, gmm=bind(module.gmm), tgmm=bind(module.tgmm),
                  supports_dtype=module.supports_dtype,
+                 supports_precision=getattr(module, "supports_precision",
+                                            lambda precision, dtype: True),
                  fallback=getattr(module, "FALLBACK", None))
 
 
-def resolve(implementation: str, dtype, static_shapes: bool = True) -> str:
-  """The backend that runs `implementation` on operands of `dtype`: "xla" for
-  symbolic shapes, else the first of implementation, its FALLBACK, ... that takes
-  the dtype."""
+def resolve(implementation: str, dtype, static_shapes: bool = True,
+            precision=None) -> str:
+  """The backend that runs `implementation` on operands of `dtype` with the
+  (canonical) `precision`: "xla" for symbolic shapes, else the first of
+  implementation, its FALLBACK, ... that takes both."""
   if not static_shapes:
     return "xla"
   name, tried = implementation, []
-  while not backend(name).supports_dtype(dtype):
+  while not (backend(name).supports_dtype(dtype)
+             and backend(name).supports_precision(precision, dtype)):
     tried.append(name)
     nxt = backend(name).fallback
     if nxt is None or canonical_name(nxt) in tried:
-      raise TypeError(f"gmm: no backend takes {jnp.dtype(dtype).name} operands"
-                      f" (tried {tried}).")
+      what = (f"{jnp.dtype(dtype).name} operands" if precision is None else
+              f"{jnp.dtype(dtype).name} operands with precision={precision}")
+      raise checks.ShapeDtypeError(f"gmm: no backend takes {what} (tried"
+                                   f" {tried}).")
     name = canonical_name(nxt)
   return name
+
+
+# ----------------------------------------------------------------------------
+# Dtypes and precision: lax.ragged_dot's rules
+
+_DOT_DIMS = (((1,), (0,)), ((), ()))
+
+
+def _sds(dtype):
+  return jax.ShapeDtypeStruct((1, 1), dtype)
+
+
+@functools.cache
+def _lax_result_dtype(lhs_dtype, rhs_dtype, preferred, precision):
+  dot = functools.partial(lax.dot_general, dimension_numbers=_DOT_DIMS,
+                          precision=precision, preferred_element_type=preferred)
+  return jnp.dtype(jax.eval_shape(dot, _sds(lhs_dtype), _sds(rhs_dtype)).dtype)
+
+
+def result_dtype(lhs_dtype, rhs_dtype, preferred_element_type=None,
+                 precision=None):
+  """The dtype `lax.ragged_dot` gives these operands: lax.dot_general's rule (the
+  operand dtype with more exponent, then mantissa, then bits wins: f16 x bf16 ->
+  bf16, int8 x bf16 -> bf16, int8 x int8 -> int8), or `preferred_element_type`.
+  Raises lax's TypeError for pairs lax refuses."""
+  preferred = (None if preferred_element_type is None
+               else jnp.dtype(preferred_element_type))
+  return _lax_result_dtype(jnp.dtype(lhs_dtype), jnp.dtype(rhs_dtype), preferred,
+                           precision)
+
+
+def _widen(dtype):
+  """Sub-byte integers to 8 bits and 8-bit or narrower floats to bfloat16, both
+  exact: jnp refuses to promote them implicitly, lax.dot_general takes them."""
+  if jnp.issubdtype(dtype, jnp.integer) and jnp.iinfo(dtype).bits < 8:
+    return jnp.dtype(jnp.int8 if jnp.iinfo(dtype).min < 0 else jnp.uint8)
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits <= 8:
+    return jnp.dtype(jnp.bfloat16)
+  return dtype
+
+
+def compute_dtype(lhs_dtype, rhs_dtype):
+  """The one dtype both operands are cast to before the products: the smallest
+  that holds both exactly where jnp's promotion finds one (int8 x bf16 -> bf16,
+  f16 x bf16 -> float32, uint8 x int8 -> int16). Operands of one dtype keep it,
+  except sub-byte integers (computed as 8-bit)."""
+  a, b = jnp.dtype(lhs_dtype), jnp.dtype(rhs_dtype)
+  if a == b and not (jnp.issubdtype(a, jnp.integer) and jnp.iinfo(a).bits < 8):
+    return a
+  return jnp.promote_types(_widen(a), _widen(b))
+
+
+def accumulation_dtype(dtype):
+  """What a backend accumulates products of `dtype` operands in: float32 for
+  16- and 32-bit floats (float64, complex: their own width), int32 for bool and
+  integers up to 32 bits (int64 for 64-bit ones). Integer results wrap as lax's
+  do (modular arithmetic, whatever the accumulator's width)."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return jnp.promote_types(dtype, jnp.float32)
+  return jnp.dtype(jnp.int64 if dtype.itemsize == 8 else jnp.int32)
+
+
+@functools.cache
+def _canonical_precision(precision, default_config):
+  del default_config  # part of the cache key: precision=None reads it
+  jaxpr = jax.make_jaxpr(functools.partial(
+      lax.dot_general, dimension_numbers=_DOT_DIMS, precision=precision))(
+          _sds(jnp.float32), _sds(jnp.float32))
+  return jaxpr.eqns[0].params["precision"]
+
+
+def canonical_precision(precision):
+  """`precision` as lax.dot_general holds it (None, a pair of `lax.Precision`, a
+  `lax.DotAlgorithmPreset` or a `lax.DotAlgorithm`), read now: None takes
+  `jax_default_matmul_precision`, as lax does when it binds. Raises lax's
+  ValueError for values lax refuses."""
+  if isinstance(precision, list):
+    precision = tuple(precision)
+  default = jax.config.jax_default_matmul_precision if precision is None else None
+  try:
+    hash(precision)
+  except TypeError:
+    return _canonical_precision.__wrapped__(precision, default)
+  return _canonical_precision(precision, default)
+
 
 
 def _is_hopper(device) -> bool:
@@ -260,7 +364,7 @@ def _cast(x, dtype):
 
 def _bind_gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype,
               precision, implementation, options):
-  dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+  dtype = compute_dtype(lhs.dtype, rhs.dtype)
   args = _vary_together(_cast(lhs, dtype), _cast(rhs, dtype), group_sizes,
                         group_offset)
   return gmm_p.bind(*args, transpose_rhs=bool(transpose_rhs),
@@ -270,7 +374,7 @@ def _bind_gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype,
 
 def _bind_tgmm(lhs, dy, group_sizes, group_offset, *, num_local, out_dtype,
                precision, implementation, options):
-  dtype = jnp.promote_types(lhs.dtype, dy.dtype)
+  dtype = compute_dtype(lhs.dtype, dy.dtype)
   args = _vary_together(_cast(lhs, dtype), _cast(dy, dtype), group_sizes,
                         group_offset)
   return tgmm_p.bind(*args, num_local=int(num_local),
@@ -294,7 +398,8 @@ def _tgmm_abstract_eval(lhs, dy, group_sizes, group_offset, *, num_local,
 def _gmm_lowering(ctx, *args, transpose_rhs, out_dtype, precision,
                   implementation, options):
   lhs, rhs = ctx.avals_in[:2]
-  name = resolve(implementation, lhs.dtype, _static(lhs.shape, rhs.shape))
+  name = resolve(implementation, lhs.dtype, _static(lhs.shape, rhs.shape),
+                 precision)
   config = (options.dlhs if transpose_rhs else options.fwd
             ) if name == implementation else None
   fn = functools.partial(backend(name).gmm, transpose_rhs=transpose_rhs,
@@ -305,7 +410,8 @@ def _gmm_lowering(ctx, *args, transpose_rhs, out_dtype, precision,
 def _tgmm_lowering(ctx, *args, num_local, out_dtype, precision, implementation,
                    options):
   lhs, dy = ctx.avals_in[:2]
-  name = resolve(implementation, lhs.dtype, _static(lhs.shape, dy.shape))
+  name = resolve(implementation, lhs.dtype, _static(lhs.shape, dy.shape),
+                 precision)
   config = options.drhs if name == implementation else None
   fn = functools.partial(backend(name).tgmm, num_local=num_local,
                          out_dtype=out_dtype, precision=precision, config=config)
@@ -317,6 +423,8 @@ def _bilinear_jvp(bind, prim):
     a, b, group_sizes, group_offset = primals
     da, db = tangents[:2]
     out = prim.bind(*primals, **params)
+    if not jnp.issubdtype(params["out_dtype"], jnp.inexact):
+      return out, ad.Zero(jax.typeof(out).to_tangent_aval())  # float0
     terms = []
     if type(da) is not ad.Zero:
       terms.append(bind(da, b, group_sizes, group_offset, **params))
@@ -409,12 +517,6 @@ def _is_zero(d) -> bool:
   return isinstance(d, (int, np.integer)) and d == 0
 
 
-def _offset(group_offset) -> Array:
-  if group_offset is None:
-    return jnp.zeros((), jnp.int32)
-  return jnp.reshape(jnp.asarray(group_offset), ()).astype(jnp.int32)
-
-
 def check_static_groups(fn: str, *counts) -> None:
   if not _static(counts):
     raise TypeError(f"{fn}: the group count (len(group_sizes) and rhs's groups,"
@@ -422,42 +524,167 @@ def check_static_groups(fn: str, *counts) -> None:
                     " not supported (as for lax.ragged_dot).")
 
 
-def _prepare(fn, a, b, group_sizes, group_offset, implementation,
-             preferred_element_type):
-  a, b = jnp.asarray(a), jnp.asarray(b)
-  if preferred_element_type is None:
-    preferred_element_type = jnp.result_type(a, b)
-  out_dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(preferred_element_type))
-  impl = canonical_name(implementation or default_implementation(), fn)
-  group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
-  return a, b, group_sizes, _offset(group_offset), impl, out_dtype
+def _to_int32(x, lo, hi):
+  """x as int32; integers wider than int32 are first clipped to [lo, hi] (which
+  int32 holds), so a large value stays large instead of wrapping."""
+  if jnp.iinfo(x.dtype).max > jnp.iinfo(jnp.int32).max:
+    x = jnp.clip(x, lo if jnp.iinfo(x.dtype).min < 0 else 0, hi)
+  return x.astype(jnp.int32)
+
+
+def _group_sizes(fn: str, group_sizes, m) -> Array:
+  """The group sizes every backend reads: int32, a negative size read as 0, and
+  groups cut at row m (the group that crosses it is shortened, later ones are
+  empty), so they are >= 0 and sum to at most m. Both problems are reported under
+  `checkify.checkify` (user checks); elsewhere the checks are dropped."""
+  gs = _to_int32(jnp.asarray(group_sizes), -1, m + 1)
+  if not gs.shape[0]:
+    return gs
+  # Group ends with a saturating add (exact, no int32 overflow for any sizes).
+  cap = m + 1
+  ends = lax.associative_scan(lambda a, b: jnp.minimum(a + b, cap),
+                              jnp.clip(gs, 0, cap))
+  checkify.debug_check(
+      jnp.all(gs >= 0),
+      f"{fn}: `group_sizes` must be >= 0; got {{}}. (A negative size is read"
+      " as 0.)", gs)
+  checkify.debug_check(
+      ends[-1] <= m,
+      f"{fn}: sum(group_sizes) must be <= m={m}, the rows of lhs; got"
+      f" group_sizes {{}}. (Groups are cut at row m.)", gs)
+  ends = jnp.minimum(ends, m)
+  return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32))
+
+
+def _group_offset(fn: str, group_offset, num_groups: int, num_local: int
+                  ) -> Array:
+  """The offset every backend reads: int32 in [-L, G] (every offset outside
+  [0, G - L] leaves some local groups without a group of group_sizes: those are
+  empty, and clipping to [-L, G] keeps exactly that). Reported under
+  `checkify.checkify` when outside [0, G - L]."""
+  if group_offset is None:
+    return jnp.zeros((), jnp.int32)
+  off = _to_int32(jnp.reshape(jnp.asarray(group_offset), ()), -num_local - 1,
+                  num_groups + 1)
+  checkify.debug_check(
+      (off >= 0) & (off <= num_groups - num_local),
+      f"{fn}: `group_offset` must be in [0, {num_groups - num_local}] (rhs holds"
+      f" {num_local} of the {num_groups} groups of group_sizes); got {{}}."
+      " (Local groups that are not groups of group_sizes are empty.)", off)
+  return jnp.clip(off, -num_local, num_groups)
+
+
+# -- out_sharding and explicit mesh axes
+
+
+def _mesh_of(x):
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  return None if mesh is None or mesh.empty else mesh
+
+
+def _explicit_mesh(out_sharding, *xs):
+  """The (abstract) mesh whose Explicit axes the result is typed over: the
+  context mesh, else the operands' or out_sharding's; None when no axis is
+  Explicit."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    meshes = [_mesh_of(x) for x in xs]
+    if isinstance(out_sharding, jax.sharding.NamedSharding):
+      meshes.append(out_sharding.mesh.abstract_mesh
+                    if hasattr(out_sharding.mesh, "abstract_mesh")
+                    else out_sharding.mesh)
+    mesh = next((m for m in meshes if m is not None), mesh)
+  return None if mesh.empty or not mesh.explicit_axes else mesh
+
+
+def _spec(x, ndim: int) -> tuple:
+  spec = tuple(getattr(jax.typeof(x).sharding, "spec", ()))
+  return spec + (None,) * (ndim - len(spec))
+
+
+def _axes(entry) -> set:
+  if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED:
+    return set()
+  return {entry} if isinstance(entry, str) else set(entry)
+
+
+def _default_out_spec(fn: str, lhs, rhs, n_axis: int):
+  """Rows sharded as lhs's rows, columns as rhs's columns (dot_general's rule for
+  the non-contracting dimensions)."""
+  rows, cols = _spec(lhs, 2)[0], _spec(rhs, 3)[n_axis]
+  if _axes(rows) & _axes(cols):
+    raise ValueError(
+        f"{fn}: cannot infer the output's sharding: lhs's rows and rhs's columns"
+        f" are both sharded over {sorted(_axes(rows) & _axes(cols))}; pass"
+        " `out_sharding`.")
+  return jax.sharding.PartitionSpec(rows, cols)
+
+
+def _sharded(fn: str, compute, args, out_sharding, n_axis: int):
+  """compute(*args) with the result typed as lax.ragged_dot's: over Explicit mesh
+  axes the products run inside `jax.sharding.auto_axes` (XLA partitions them as
+  it partitions lax.ragged_dot on Auto axes) and the result gets `out_sharding`
+  (default: `_default_out_spec`); elsewhere `out_sharding` is applied with
+  `jax.sharding.reshard`, which refuses what lax refuses (a PartitionSpec outside
+  a mesh context, Auto axis names)."""
+  lhs, rhs = args[:2]
+  mesh = _explicit_mesh(out_sharding, lhs, rhs)
+  if mesh is None:
+    out = compute(*args)
+    return out if out_sharding is None else jax.sharding.reshard(out,
+                                                                out_sharding)
+  spec = out_sharding
+  if spec is None:
+    spec = _default_out_spec(fn, lhs, rhs, n_axis)
+  run = jax.sharding.auto_axes(compute, out_sharding=spec)
+  if jax.sharding.get_abstract_mesh().empty and not isinstance(
+      spec, jax.sharding.NamedSharding):
+    with jax.sharding.use_abstract_mesh(mesh):
+      return run(*args)
+  return run(*args)
 
 
 def gmm(lhs, rhs, group_sizes, group_offset=None, *, transpose_rhs: bool = False,
         precision=None, preferred_element_type=None,
         implementation: str | None = None,
-        options: GmmOptions | None = None) -> Array:
+        options: GmmOptions | None = None, out_sharding=None) -> Array:
   """The internal entry point of `jmoe.gmm` (which validates and calls this).
 
   Beyond `jmoe.gmm`: `transpose_rhs` (rhs [L, n, k], out = lhs @ rhs[g]^T) and
-  `options` (backend configs per product, `GmmOptions`). No argument checks here.
+  `options` (backend configs per product, `GmmOptions`). No argument checks here
+  beyond lax's own (the dtype rule, the precision); the value checks of
+  `_group_sizes` and `_group_offset` run under `checkify.checkify`.
   """
   fn = "gmm"
-  lhs, rhs, gs, off, impl, out_dtype = _prepare(
-      fn, lhs, rhs, group_sizes, group_offset, implementation,
-      preferred_element_type)
-  m, k = lhs.shape
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  precision = canonical_precision(precision)
+  out_dtype = result_dtype(lhs.dtype, rhs.dtype, preferred_element_type,
+                           precision)
+  impl = canonical_name(implementation or default_implementation(), fn)
+  m = lhs.shape[0]
   num_local = rhs.shape[0]
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  check_static_groups(fn, gs.shape[0], num_local)
-  if any(map(_is_zero, (m, k, n, num_local))):
-    # Nothing to multiply: zeros, whose derivatives are zeros.
-    return _vary_together(jnp.zeros((m, n), out_dtype), lhs, rhs)[0]
-  dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
-  resolve(impl, dtype, _static(lhs.shape, rhs.shape))  # fail early, clearly
-  return _bind_gmm(lhs, rhs, gs, off, transpose_rhs=transpose_rhs,
-                   out_dtype=out_dtype, precision=precision, implementation=impl,
-                   options=options or _NO_OPTIONS)
+  n_axis = 1 if transpose_rhs else 2
+  group_sizes = jnp.asarray(group_sizes)
+  check_static_groups(fn, group_sizes.shape[0], num_local)
+  has_offset = group_offset is not None
+  offset = jnp.asarray(group_offset if has_offset else 0)
+
+  def compute(lhs, rhs, group_sizes, offset):
+    gs = _group_sizes(fn, group_sizes, m)
+    off = _group_offset(fn, offset if has_offset else None, gs.shape[0],
+                        num_local)
+    k, n = lhs.shape[1], rhs.shape[n_axis]
+    if any(map(_is_zero, (m, k, n, num_local))):
+      # Nothing to multiply: zeros, whose derivatives are zeros.
+      return _vary_together(jnp.zeros((m, n), out_dtype), lhs, rhs)[0]
+    dtype = compute_dtype(lhs.dtype, rhs.dtype)
+    resolve(impl, dtype, _static(lhs.shape, rhs.shape), precision)  # fail early
+    return _bind_gmm(lhs, rhs, gs, off, transpose_rhs=transpose_rhs,
+                     out_dtype=out_dtype, precision=precision,
+                     implementation=impl, options=options or _NO_OPTIONS)
+
+  return _sharded(fn, compute, (lhs, rhs, group_sizes, offset), out_sharding,
+                  n_axis)
 
 
 def tgmm(lhs, dy, group_sizes, group_offset=None, *, num_local: int,
@@ -470,15 +697,20 @@ def tgmm(lhs, dy, group_sizes, group_offset=None, *, num_local: int,
   groups. Same conventions as `gmm`.
   """
   fn = "tgmm"
-  lhs, dy, gs, off, impl, out_dtype = _prepare(
-      fn, lhs, dy, group_sizes, group_offset, implementation,
-      preferred_element_type)
+  lhs, dy = jnp.asarray(lhs), jnp.asarray(dy)
+  precision = canonical_precision(precision)
+  out_dtype = result_dtype(lhs.dtype, dy.dtype, preferred_element_type,
+                           precision)
+  impl = canonical_name(implementation or default_implementation(), fn)
   (m, k), n = lhs.shape, dy.shape[1]
-  check_static_groups(fn, gs.shape[0], num_local)
+  group_sizes = jnp.asarray(group_sizes)
+  check_static_groups(fn, group_sizes.shape[0], num_local)
+  gs = _group_sizes(fn, group_sizes, m)
+  off = _group_offset(fn, group_offset, gs.shape[0], num_local)
   if any(map(_is_zero, (m, k, n, num_local))):
     return _vary_together(jnp.zeros((num_local, k, n), out_dtype), lhs, dy)[0]
-  dtype = jnp.promote_types(lhs.dtype, dy.dtype)
-  resolve(impl, dtype, _static(lhs.shape, dy.shape))
+  dtype = compute_dtype(lhs.dtype, dy.dtype)
+  resolve(impl, dtype, _static(lhs.shape, dy.shape), precision)
   return _bind_tgmm(lhs, dy, gs, off, num_local=num_local, out_dtype=out_dtype,
                     precision=precision, implementation=impl,
                     options=options or _NO_OPTIONS)

@@ -62,8 +62,8 @@ from jmoe._src.gmm.tiling import cdiv
 
 Array = jax.Array
 
-# Backend interface (jmoe/_src/gmm/ops.py): the operand dtypes these kernels take,
-# and the backend that serves the others.
+# Backend interface (jmoe/_src/gmm/ops.py): the operand dtypes and precisions these
+# kernels take, and the backend that serves the others.
 FALLBACK = "pallas"
 _MEMORY_REGISTERS = 40          # registers per thread of the memory warpgroup
 _NUM_COMPUTE_WGS = 2
@@ -75,6 +75,37 @@ _PAD = 64      # k and n padding (elements): whole 128-byte swizzle spans
 
 def supports_dtype(dtype) -> bool:
   return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _presets(*names):
+  return frozenset(getattr(lax.DotAlgorithmPreset, n) for n in names)
+
+
+# Dot algorithms whose result on operands of each dtype is exactly what these
+# kernels compute (exact products, float32 accumulation): their input types hold
+# the operands exactly (bf16 and f16 widen exactly to tf32 and float32; split
+# into bf16 parts, a bf16 value is its first part) and they accumulate in float32.
+_EXACT_PRESETS = {
+    jnp.dtype(jnp.bfloat16): _presets(
+        "DEFAULT", "BF16_BF16_F32", "BF16_BF16_F32_X3", "BF16_BF16_F32_X6",
+        "BF16_BF16_F32_X9", "TF32_TF32_F32", "TF32_TF32_F32_X3", "F32_F32_F32"),
+    jnp.dtype(jnp.float16): _presets(
+        "DEFAULT", "F16_F16_F32", "TF32_TF32_F32", "TF32_TF32_F32_X3",
+        "F32_F32_F32"),
+}
+
+
+def supports_precision(precision, dtype) -> bool:
+  """Every `lax.Precision` (None, or a pair): wgmma multiplies 16-bit operands
+  exactly into a float32 accumulator, which is what HIGHEST asks for and what
+  DEFAULT and HIGH give 16-bit operands on the GPU, so all of them are honoured
+  as they are. Dot algorithms only where `_EXACT_PRESETS` lists them; the others
+  (bf16 or f16 accumulation, fp8, float64, custom `lax.DotAlgorithm`s) run on
+  FALLBACK, whose kernels implement them."""
+  if precision is None or isinstance(precision, tuple):
+    return True
+  return (isinstance(precision, lax.DotAlgorithmPreset)
+          and precision in _EXACT_PRESETS.get(jnp.dtype(dtype), ()))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -590,8 +621,9 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs: bool, out_dtype,
         precision=None, config=None) -> Array:
   """Forward (or input-gradient) product on the Mosaic-GPU kernel.
 
-  `precision` has no effect: 16-bit operands multiply exactly into the float32
-  accumulator at every precision.
+  `precision` is one `supports_precision` accepts, all of which ask for what the
+  kernel computes (exact 16-bit products, float32 accumulation); `ops` sends the
+  others to FALLBACK.
   """
   del precision
   m, k = lhs.shape

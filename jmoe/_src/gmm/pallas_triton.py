@@ -27,7 +27,8 @@ in HBM).
 
 This module holds the kernels, their `pallas_call` wrappers (`gmm_call`,
 `tgmm_call`, which the autotuner in benchmarks/gmm.py launches directly) and the
-backend interface of `ops` (`gmm`, `tgmm`, `supports_dtype`, `FALLBACK`), whose
+backend interface of `ops` (`gmm`, `tgmm`, `supports_dtype`,
+`supports_precision`, `FALLBACK`), whose
 `config` is a `GmmConfig`, a `TritonConfig` or None (tuned table or heuristic).
 Differentiation, vmap, shard_map typing and dtype promotion are `ops`'s.
 
@@ -250,12 +251,31 @@ def tgmm_call(lhs: Array, dy: Array, schedule: Array, *, out_dtype,
 # ----------------------------------------------------------------------------
 # The backend interface of `ops` (see `ops.Backend`).
 
-FALLBACK = "xla"  # operand dtypes the kernels do not take (float64) go to XLA
+FALLBACK = "xla"  # operand dtypes (float64, integers, ...) and dot algorithms
+                  # the kernels do not take go to XLA
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def supports_dtype(dtype) -> bool:
   return jnp.dtype(dtype) in _DTYPES
+
+
+# The dot algorithms Pallas-Triton lowers (jax/_src/pallas/triton/lowering.py);
+# `lax.Precision` pairs choose TF32 or IEEE float32 products there.
+_PRESETS = frozenset(getattr(lax.DotAlgorithmPreset, name) for name in (
+    "DEFAULT", "TF32_TF32_F32", "TF32_TF32_F32_X3", "F32_F32_F32",
+    "F16_F16_F16", "F16_F16_F32", "BF16_BF16_BF16", "BF16_BF16_F32",
+    "BF16_BF16_F32_X3", "BF16_BF16_F32_X6", "BF16_BF16_F32_X9"))
+
+
+def supports_precision(precision, dtype) -> bool:
+  """None, `lax.Precision` pairs and the presets above, honoured by the kernels'
+  `lax.dot_general` (in the interpreter, by XLA's, which refuses what the CPU
+  lacks); other algorithms run on FALLBACK."""
+  del dtype
+  return (precision is None or isinstance(precision, tuple)
+          or isinstance(precision, lax.DotAlgorithmPreset)
+          and precision in _PRESETS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -3,6 +3,11 @@
 A backend of `ops` (see `ops.Backend` for the interface). It does L times the work
 of a grouped matmul, so it is an oracle for the tests and a readable statement of
 the semantics, never a fast path. Its default precision is HIGHEST.
+
+The masks select after each product (gmm) or select both operands (tgmm), so a
+non-finite value reaches only the rows and the group that read it: a zero that
+multiplies an infinity never enters a sum. `masked_gmm` / `masked_tgmm` are these
+products at the precision given; the "xla" backend reuses them.
 """
 
 from __future__ import annotations
@@ -10,13 +15,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jmoe._src.gmm import ops
+
 Array = jax.Array
 
 FALLBACK = None
 
 
 def supports_dtype(dtype) -> bool:
-  return jnp.issubdtype(dtype, jnp.floating)
+  """Every dtype lax.dot_general takes: bool, integers, floats, complex."""
+  return jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
 
 
 def group_ids(group_sizes: Array, num_rows: int) -> Array:
@@ -37,38 +45,55 @@ def _precision(precision):
   return jax.lax.Precision.HIGHEST if precision is None else precision
 
 
-def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
-        transpose_rhs: bool, out_dtype, precision, config=None) -> Array:
+def masked_gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
+               transpose_rhs: bool, out_dtype, precision) -> Array:
   """out[i] = lhs[i] @ rhs[local(i)] (or @ rhs[local(i)]^T), zeros elsewhere."""
-  del config
   m = lhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  acc_dtype = ops.accumulation_dtype(lhs.dtype)
   local = local_ids(group_sizes, group_offset, m)
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
   def body(g, acc):
-    prod = jax.lax.dot_general(lhs, rhs[g], dims, precision=_precision(precision),
-                               preferred_element_type=jnp.float32)
-    return acc + jnp.where((local == g)[:, None], prod, 0.0)
+    prod = jax.lax.dot_general(lhs, rhs[g], dims, precision=precision,
+                               preferred_element_type=acc_dtype)
+    return acc + jnp.where((local == g)[:, None], prod, jnp.zeros((), acc_dtype))
 
-  acc = jax.lax.fori_loop(0, rhs.shape[0], body, jnp.zeros((m, n), jnp.float32))
+  acc = jax.lax.fori_loop(0, rhs.shape[0], body, jnp.zeros((m, n), acc_dtype))
   return acc.astype(out_dtype)
+
+
+def masked_tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
+                num_local: int, out_dtype, precision) -> Array:
+  """out[l] = lhs[rows of local group l]^T @ dy[same rows]; [num_local, k, n]."""
+  m, k = lhs.shape
+  acc_dtype = ops.accumulation_dtype(lhs.dtype)
+  local = local_ids(group_sizes, group_offset, m)
+
+  def body(g, acc):
+    rows = (local == g)[:, None]
+    a = jnp.where(rows, lhs, jnp.zeros((), lhs.dtype))
+    b = jnp.where(rows, dy, jnp.zeros((), dy.dtype))
+    prod = jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                               precision=precision,
+                               preferred_element_type=acc_dtype)
+    return jax.lax.dynamic_update_index_in_dim(acc, prod, g, 0)
+
+  acc = jax.lax.fori_loop(0, num_local, body,
+                          jnp.zeros((num_local, k, dy.shape[1]), acc_dtype))
+  return acc.astype(out_dtype)
+
+
+def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
+        transpose_rhs: bool, out_dtype, precision, config=None) -> Array:
+  del config
+  return masked_gmm(lhs, rhs, group_sizes, group_offset,
+                    transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                    precision=_precision(precision))
 
 
 def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
          num_local: int, out_dtype, precision, config=None) -> Array:
-  """out[l] = lhs[rows of local group l]^T @ dy[same rows]; [num_local, k, n]."""
   del config
-  m, k = lhs.shape
-  local = local_ids(group_sizes, group_offset, m)
-
-  def body(g, acc):
-    a = jnp.where((local == g)[:, None], lhs, 0)
-    prod = jax.lax.dot_general(a, dy, (((0,), (0,)), ((), ())),
-                               precision=_precision(precision),
-                               preferred_element_type=jnp.float32)
-    return jax.lax.dynamic_update_index_in_dim(acc, prod, g, 0)
-
-  acc = jax.lax.fori_loop(0, num_local, body,
-                          jnp.zeros((num_local, k, dy.shape[1]), jnp.float32))
-  return acc.astype(out_dtype)
+  return masked_tgmm(lhs, dy, group_sizes, group_offset, num_local=num_local,
+                     out_dtype=out_dtype, precision=_precision(precision))
