@@ -234,6 +234,22 @@ def test_mosaic_absent_is_a_clear_error():
     jmoe.gmm(lhs, rhs, jnp.array([8]), implementation="mosaic")
 
 
+def test_gpu_kernels_off_gpu_are_a_clear_error():
+  """implementation="pallas" (or "mosaic", whose float32 fallback is "pallas")
+  where the kernels cannot lower: one ValueError naming the argument and what to
+  use, eager and under jit, instead of Pallas's "Only interpret mode ..."."""
+  if jax.devices()[0].platform == "gpu":
+    pytest.skip("the kernels lower here")
+  lhs, rhs, _ = make_inputs(8, 4, 4, 2, F32)
+  gs = jnp.array([4, 4], jnp.int32)
+  for impl in ("pallas", "pallas_triton", "mosaic"):
+    f = lambda a, b: jmoe.gmm(a, b, gs, implementation=impl)
+    for g in (f, jax.jit(f)):
+      with pytest.raises(ValueError, match=r"implementation='(pallas|mosaic)'.*"
+                         r"cannot run on cpu.*pallas_interpret"):
+        g(lhs, rhs)
+
+
 def _fake_backend(calls, supports, fallback):
   """A backend module recording its calls, on top of the reference."""
   from jmoe._src.gmm import reference  # noqa: PLC0415

@@ -168,7 +168,8 @@ def gmm(
       "pallas_interpret" (the same kernels interpreted, CPU tests), "mosaic" (the
       Mosaic-GPU kernels, Hopper; 16-bit float operands), or None for the best
       available here: "mosaic" on Hopper GPUs, "pallas" on other NVIDIA GPUs,
-      "xla" elsewhere.
+      "xla" elsewhere. "pallas" and "mosaic" where their kernels cannot lower
+      (e.g. on CPU) raise a ValueError saying what to use instead.
 
   Returns:
     [m, n] in `preferred_element_type` (default: lax.ragged_dot's result dtype).

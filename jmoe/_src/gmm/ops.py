@@ -89,6 +89,8 @@ _BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
     "mosaic": ("jmoe._src.gmm.pallas_mosaic_gpu", {}),
 }
 _ALIASES = {"pallas_triton": "pallas"}
+# Lowering platforms of the compiled kernels; the other backends lower anywhere.
+_PLATFORMS = {"pallas": ("cuda", "rocm"), "mosaic": ("cuda",)}
 IMPLEMENTATIONS = ("xla", "reference", "pallas", "pallas_triton",
                    "pallas_interpret", "mosaic")
 _MOSAIC_MODULE = _BACKENDS["mosaic"][0]
@@ -343,6 +345,22 @@ def _unchecked_vma():
   return flag(False) if flag is not None else contextlib.nullcontext()
 
 
+def check_platforms(implementation: str, name: str, platforms) -> None:
+  """A clear error where backend `name` (the one running `implementation`) has
+  kernels that cannot lower for `platforms`, instead of Pallas's own "Only
+  interpret mode is supported on CPU backend"."""
+  ok = _PLATFORMS.get(name)
+  bad = [p for p in platforms if ok is not None and p not in ok]
+  if bad:
+    via = "" if name == implementation else f" (here its fallback {name!r})"
+    raise ValueError(
+        f"gmm: implementation={implementation!r}{via} runs compiled GPU kernels"
+        f" (lowering for {'/'.join(ok)}) and cannot run on {'/'.join(bad)}; use"
+        " implementation=None (the best backend here), \"xla\", or"
+        " \"pallas_interpret\" (the Pallas-Triton kernels in the Pallas"
+        " interpreter, for tests).")
+
+
 def _lower(fn, ctx, *args):
   """Lowers `fn` (a backend's product) in place of the primitive."""
   ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
@@ -402,6 +420,7 @@ def _gmm_lowering(ctx, *args, transpose_rhs, out_dtype, precision,
                  precision)
   config = (options.dlhs if transpose_rhs else options.fwd
             ) if name == implementation else None
+  check_platforms(implementation, name, ctx.module_context.platforms)
   fn = functools.partial(backend(name).gmm, transpose_rhs=transpose_rhs,
                          out_dtype=out_dtype, precision=precision, config=config)
   return _lower(fn, ctx, *args)
@@ -413,6 +432,7 @@ def _tgmm_lowering(ctx, *args, num_local, out_dtype, precision, implementation,
   name = resolve(implementation, lhs.dtype, _static(lhs.shape, dy.shape),
                  precision)
   config = options.drhs if name == implementation else None
+  check_platforms(implementation, name, ctx.module_context.platforms)
   fn = functools.partial(backend(name).tgmm, num_local=num_local,
                          out_dtype=out_dtype, precision=precision, config=config)
   return _lower(fn, ctx, *args)
