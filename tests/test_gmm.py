@@ -70,6 +70,9 @@ class CpuCases:
 
 class TestReference(CpuCases, GmmChecks, RaggedDotPorts):
   IMPL = "reference"
+  # out_sharding is the front end's (auto_axes around the products), run on
+  # CPU by TestXla, whose products off TPU are the reference's masked ones.
+  test_out_sharding = None
 
 
 class TestXla(CpuCases, GmmChecks, RaggedDotPorts):
@@ -94,6 +97,9 @@ class TestPallasInterpret(CpuCases, GmmChecks, RaggedDotPorts):
   PORT_LAX_SHAPES = ((64, 9, 8, 2),)
   PORT_MEGABLOX_SHAPES = ((128, 8, 16),)
   PORT_MEGABLOX_EXAMPLES = 3
+  # The front end's auto_axes around the products: run by TestXla on CPU (and
+  # by the GPU classes, where the kernels are custom calls in the partitioner).
+  test_out_sharding = None
 
 
 class GpuCases:
@@ -324,6 +330,63 @@ def test_no_backend_for_dtype(fake_backends):
   with pytest.raises(TypeError, match="no backend takes float32"):
     ops.gmm(jnp.ones((4, 8)), jnp.ones((1, 8, 8)), jnp.array([4]),
             implementation="fake16")
+
+
+@pytest.mark.parametrize("shape,offset", [
+    ((0, 8, 8, 2), None), ((6, 0, 8, 2), None), ((6, 8, 0, 2), None),
+    ((6, 8, 8, 0), None), ((6, 8, 8, 0), 1)], ids=["m0", "k0", "n0", "G0", "L0"])
+def test_empty_shapes_are_zeros(shape, offset):
+  """min(m, k, n, L) == 0 gives zeros of the result dtype (and zero gradients),
+  eager and under jit, statically: no primitive is bound, so this holds for
+  every backend ("pallas" included, off GPU too). Sizes that do not fit m=0 are
+  cut to nothing, as any sum past m. tgmm likewise."""
+  m, k, n, g = shape
+  lhs, rhs = jnp.ones((m, k), BF16), jnp.ones((g, k, n), BF16)
+  gs = jnp.full((g + (offset or 0),), 3, jnp.int32)
+  off = None if offset is None else jnp.int32(offset)
+  for impl in ("xla", "pallas"):
+    f = lambda a, b: jmoe.gmm(a, b, gs, group_offset=off, implementation=impl)
+    assert "jmoe_gmm" not in str(jax.make_jaxpr(f)(lhs, rhs))
+  grad = jax.grad(lambda a, b: jnp.sum(f(a, b).astype(F32)), (0, 1))
+  for out, (dl, dr) in ((f(lhs, rhs), grad(lhs, rhs)),
+                        jax.jit(lambda a, b: (f(a, b), grad(a, b)))(lhs, rhs)):
+    assert out.shape == (m, n) and out.dtype == BF16
+    assert dl.shape == lhs.shape and dr.shape == rhs.shape
+    for x in (out, dl, dr):
+      np.testing.assert_array_equal(np.asarray(x, np.float32), 0.0)
+  tg = ops.tgmm(lhs, jnp.ones((m, n), BF16), gs, off, num_local=g,
+                implementation="pallas")
+  assert tg.shape == (g, k, n) and not np.asarray(tg, np.float32).any()
+
+
+def test_checkify_reports_what_only_values_show():
+  """Under checkify.checkify (user checks) negative sizes, sums past m and
+  offsets outside [0, G - L] are reported, through jit, for gmm and tgmm. The
+  checks sit in the front end that every backend shares; without checkify they
+  cost nothing and the documented results hold (GmmChecks' bad-input tests)."""
+  from jax.experimental import checkify  # noqa: PLC0415
+  lhs, rhs, _ = make_inputs(12, 5, 4, 3, F32)
+  m, g = lhs.shape[0], rhs.shape[0]
+  good = jnp.asarray([4, 0, 6], jnp.int32)
+
+  checked = jax.jit(checkify.checkify(
+      lambda a, b, s, o: jmoe.gmm(a, b, s, group_offset=o)))
+  err, _ = checked(lhs, rhs, good, jnp.int32(0))
+  assert err.get() is None, err.get()
+  cases = {
+      r"gmm: `group_sizes` must be >= 0": (good.at[1].set(-2), 0),
+      rf"gmm: sum\(group_sizes\) must be <= m={m}": (good.at[1].set(m), 0),
+      r"gmm: `group_offset` must be in \[0, 0\]": (good, g),
+      r"gmm: `group_offset` .* got -1": (good, -1),
+  }
+  for msg, (s, o) in cases.items():
+    err, _ = checked(lhs, rhs, s, jnp.int32(o))
+    with pytest.raises(checkify.JaxRuntimeError, match=msg):
+      err.throw()
+  err, _ = jax.jit(checkify.checkify(lambda a, s: ops.tgmm(
+      a, a, s, None, num_local=g)))(lhs, good.at[0].set(-1))
+  with pytest.raises(checkify.JaxRuntimeError, match="tgmm: `group_sizes`"):
+    err.throw()
 
 
 def test_symbolic_shapes_lower_to_xla(monkeypatch):
