@@ -107,6 +107,17 @@ def test_gmm_bad_precision_and_dtype_arguments():
     jmoe.gmm(lhs, rhs, gs, group_offset=jnp.zeros(2, jnp.int32))
 
 
+def test_tgmm_shape_errors():
+  from jmoe._src.gmm import ops  # noqa: PLC0415  (internal: the weight gradient)
+  lhs, dy, gs = jnp.ones((4, D)), jnp.ones((4, F)), jnp.array([4])
+  for bad, name in (((jnp.ones((4, 1, D)), dy, gs), "lhs"),
+                    ((lhs, jnp.ones((3, F)), gs), "dy"),
+                    ((lhs, dy, jnp.array([2, 2])), "group_sizes"),
+                    ((lhs, dy, jnp.array([4.0])), "group_sizes")):
+    with raises(jmoe.ShapeDtypeError, name):
+      ops.tgmm(*bad, num_local=1)
+
+
 def test_capacity_factor_must_be_positive():
   with raises(ValueError, "capacity_factor"):
     jmoe.MoEConfig(capacity_factor=0.0)

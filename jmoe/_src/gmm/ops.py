@@ -714,9 +714,21 @@ def tgmm(lhs, dy, group_sizes, group_offset=None, *, num_local: int,
   """out[l] = lhs[rows of group group_offset + l]^T @ dy[same rows]: [L, k, n].
 
   The weight-gradient product on its own (tests, benchmarks); zeros for empty
-  groups. Same conventions as `gmm`.
+  groups. Same conventions as `gmm`, and the same bad-input answers: shape and
+  dtype mistakes are a `ShapeDtypeError` naming the argument.
   """
   fn = "tgmm"
+  checks.check_rank(fn, "lhs", lhs, 2, "[m, k]")
+  checks.check_rank(fn, "dy", dy, 2, "[m, n]")
+  checks.check_rank(fn, "group_sizes", group_sizes, 1, "[groups]")
+  checks.check_numeric(fn, "lhs", lhs)
+  checks.check_numeric(fn, "dy", dy)
+  checks.check_integer(fn, "group_sizes", group_sizes)
+  checks.check_dim(fn, "dy", np.shape(dy)[0], np.shape(lhs)[0],
+                   "rows (lhs [m, k] and dy [m, n] share m)")
+  if group_offset is None:
+    checks.check_dim(fn, "group_sizes", np.shape(group_sizes)[0], num_local,
+                     "length (num_local groups, no group_offset)")
   lhs, dy = jnp.asarray(lhs), jnp.asarray(dy)
   precision = canonical_precision(precision)
   out_dtype = result_dtype(lhs.dtype, dy.dtype, preferred_element_type,
