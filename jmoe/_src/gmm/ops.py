@@ -539,9 +539,10 @@ def _is_zero(d) -> bool:
 
 def check_static_groups(fn: str, *counts) -> None:
   if not _static(counts):
-    raise TypeError(f"{fn}: the group count (len(group_sizes) and rhs's groups,"
-                    f" {counts}) must be static; shape polymorphism over it is"
-                    " not supported (as for lax.ragged_dot).")
+    raise checks.ShapeDtypeError(
+        f"{fn}: the group count (len(group_sizes) and rhs's groups, {counts})"
+        " must be static; shape polymorphism over it is not supported (as for"
+        " lax.ragged_dot).")
 
 
 def _to_int32(x, lo, hi):
