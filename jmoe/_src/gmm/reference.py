@@ -41,6 +41,29 @@ def local_ids(group_sizes: Array, group_offset: Array, num_rows: int) -> Array:
   return jnp.where(gid < group_sizes.shape[0], gid - group_offset, -1)
 
 
+def exact_dot(a: Array, b: Array, dims, *, precision, preferred_element_type
+              ) -> Array:
+  """`lax.dot_general(a, b, dims)` for one contracting dim per operand, with
+  integer contractions zero-padded to a multiple of 4 (exact).
+
+  Why: XLA's GPU int8 x int8 -> int32 product (jax 0.11.2, H200) returns twice the
+  true value when the contraction is not a multiple of 4 (measured for 5, 6, 7, 33;
+  4, 8, 12, 16, 20, 40 are right; benchmarks/results/raw/h200_int8_tests_2026-12-02.log
+  and benchmarks/NOTES.md). Zero rows add nothing, so the padded product is the
+  product, on every platform.
+  """
+  (ca,), (cb,) = dims[0]
+  size = a.shape[ca]
+  if (jnp.issubdtype(a.dtype, jnp.integer) and jnp.issubdtype(b.dtype, jnp.integer)
+      and size % 4):
+    pad = -size % 4
+    widths = lambda x, axis: [(0, pad if i == axis else 0) for i in range(x.ndim)]
+    a = jnp.pad(a, widths(a, ca))
+    b = jnp.pad(b, widths(b, cb))
+  return jax.lax.dot_general(a, b, dims, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
 def _precision(precision):
   return jax.lax.Precision.HIGHEST if precision is None else precision
 
@@ -55,8 +78,8 @@ def masked_gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, 
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
   def body(g, acc):
-    prod = jax.lax.dot_general(lhs, rhs[g], dims, precision=precision,
-                               preferred_element_type=acc_dtype)
+    prod = exact_dot(lhs, rhs[g], dims, precision=precision,
+                     preferred_element_type=acc_dtype)
     return acc + jnp.where((local == g)[:, None], prod, jnp.zeros((), acc_dtype))
 
   acc = jax.lax.fori_loop(0, rhs.shape[0], body, jnp.zeros((m, n), acc_dtype))
@@ -74,9 +97,8 @@ def masked_tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, 
     rows = (local == g)[:, None]
     a = jnp.where(rows, lhs, jnp.zeros((), lhs.dtype))
     b = jnp.where(rows, dy, jnp.zeros((), dy.dtype))
-    prod = jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                               precision=precision,
-                               preferred_element_type=acc_dtype)
+    prod = exact_dot(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                     preferred_element_type=acc_dtype)
     return jax.lax.dynamic_update_index_in_dim(acc, prod, g, 0)
 
   acc = jax.lax.fori_loop(0, num_local, body,
