@@ -59,7 +59,7 @@ class _FFNWeights(nn.Module):
   `jmoe.FFNParams`."""
 
   d_ff: int
-  activation: str = "swiglu"
+  activation: Any = "swiglu"
   param_dtype: Any = jnp.float32
   kernel_init: Callable = fan_in_init
 

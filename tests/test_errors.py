@@ -103,3 +103,20 @@ def test_grouping_errors():
 def test_update_expert_bias_shape():
   with raises(ValueError, "tokens_per_expert"):
     jmoe.update_expert_bias(jnp.zeros(4), jnp.ones((2, 4)))
+
+
+def test_upcycle_errors():
+  ffn = jmoe.FFNParams(w_up=jnp.ones((D, F)), w_down=jnp.ones((F, D)))
+  with raises(ValueError, "pass `key`"):
+    jmoe.upcycle_ffn(ffn, E)
+  with raises(ValueError, "num_experts"):
+    jmoe.upcycle_ffn(ffn, 0, key=jax.random.key(0))
+  with raises(ValueError, r"`w_down` must have shape \(16, 8\)"):
+    jmoe.upcycle_ffn({"w_up": jnp.ones((D, F)), "w_down": jnp.ones((D, F))}, E,
+                     key=jax.random.key(0))
+  with raises(ValueError, "unknown weight"):
+    jmoe.upcycle_ffn({"w_up": jnp.ones((D, F)), "w_out": 1}, E)
+  with raises(ValueError, r"`router` must have shape"):
+    jmoe.upcycle_ffn(ffn, E, router=jnp.ones((E, D)))
+  with raises(TypeError, "`ffn`"):
+    jmoe.upcycle_ffn((jnp.ones((D, F)), jnp.ones((F, D))), E)

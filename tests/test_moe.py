@@ -178,3 +178,59 @@ def test_router_bias_changes_selection_not_weights():
   # No gradient flows into the bias.
   g = jax.grad(lambda p: jnp.sum(jmoe.moe_ffn(x, p, config)[0]))(params)
   assert float(jnp.abs(g.router_bias).sum()) == 0.0
+
+
+# --------------------------------------------------------------- activations
+
+
+def test_tanh_gelu_activations_and_callables():
+  kx, ku, kg, kd = jax.random.split(jax.random.key(27), 4)
+  x = jax.random.normal(kx, (5, D))
+  p = jmoe.FFNParams(w_up=jax.random.normal(ku, (D, F)) / 4,
+                     w_down=jax.random.normal(kd, (F, D)) / 6,
+                     w_gate=jax.random.normal(kg, (D, F)) / 4)
+  # gemma's GeGLU: gelu(x W_gate, approximate=True) * (x W_up), then W_down.
+  gemma = (jax.nn.gelu(x @ p.w_gate, approximate=True) * (x @ p.w_up)) @ p.w_down
+  assert_rel(jmoe.ffn(x, p, "geglu_tanh"), gemma, what="geglu_tanh")
+  assert float(jnp.max(jnp.abs(jmoe.ffn(x, p, "geglu") - gemma))) > 1e-5
+  plain = dataclasses.replace(p, w_gate=None)
+  assert_rel(jmoe.ffn(x, plain, "gelu_tanh"),
+             jax.nn.gelu(x @ p.w_up, approximate=True) @ p.w_down, what="gelu_tanh")
+  assert_rel(jmoe.ffn(x, plain, jnp.tanh), jnp.tanh(x @ p.w_up) @ p.w_down,
+             what="callable")
+  glu = jmoe.Activation(jnp.tanh, glu=True)
+  assert_rel(jmoe.ffn(x, p, glu),
+             (jnp.tanh(x @ p.w_gate) * (x @ p.w_up)) @ p.w_down, what="glu")
+  # In the layer: the dispatch against the oracle, with its own parameters.
+  for act in ("geglu_tanh", glu, jnp.tanh):
+    xm, params = make(jax.random.key(28), activation=act)
+    assert (params.w_gate is not None) == jmoe._src.params.is_glu(act)
+    check_against_oracle(xm, params, jmoe.MoEConfig(activation=act), grads=False)
+
+
+# ------------------------------------------------------------------ upcycling
+
+
+@pytest.mark.parametrize("router", [
+    jmoe.RouterConfig(top_k=2, order="topk_softmax"),
+    jmoe.RouterConfig(top_k=3, normalize=True),
+    jmoe.RouterConfig(top_k=2, score="sigmoid", normalize=True)])
+def test_upcycled_layer_equals_the_dense_ffn(router):
+  from flax import nnx
+  import jmoe.nn as jnn
+  x = jax.random.normal(jax.random.key(29), (2, 6, D))
+  dense = jnn.FeedForward(D, F, activation="geglu_tanh", rngs=nnx.Rngs(0))
+  config = jmoe.MoEConfig(router=router, activation="geglu_tanh")
+  want = dense(x)
+  layer = jax.jit(lambda x, p: jmoe.moe_ffn(x, p, config)[0])
+  for source in (dense, dense.params(), dict(vars(dense.params()))):
+    params = jmoe.upcycle_ffn(source, E, key=jax.random.key(1))
+    assert_rel(layer(x, params), want, what="upcycled")
+  assert params.w_up.shape == (E, D, F) and params.router.shape == (D, E)
+  # Into a module.
+  moe = jnn.MoE(D, F, E, config=config, router_bias=True, rngs=nnx.Rngs(1))
+  moe.set_params(jmoe.upcycle_ffn(dense, E, key=jax.random.key(2),
+                                  router_bias=True))
+  assert_rel(moe(x)[0], want, what="upcycled module")
+  with pytest.raises(ValueError, match="router_bias.*missing"):
+    moe.set_params(jmoe.upcycle_ffn(dense, E, key=jax.random.key(2)))

@@ -11,7 +11,7 @@ Shapes: T tokens, D d_model, F expert hidden width, E experts, k experts per tok
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +21,10 @@ from jmoe._src import permute as permute_lib
 from jmoe._src import routing as routing_lib
 from jmoe._src.gmm.api import gmm
 # The parameters' one home; imported here because the layer takes them.
-from jmoe._src.params import ACTIVATIONS, FFNParams, MoEParams  # noqa: F401
-from jmoe._src.params import check_params, init_params, is_glu  # noqa: F401
+from jmoe._src.params import ACTIVATIONS, Activation, FFNParams, MoEParams  # noqa: F401
+from jmoe._src.params import activation_of, check_params, init_params, is_glu  # noqa: F401
 
 Array = jax.Array
-
-
-def _gelu(x):
-  return jax.nn.gelu(x, approximate=False)
-
-
-_ACT = {"swiglu": jax.nn.silu, "geglu": _gelu, "gelu": _gelu, "relu": jax.nn.relu}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,8 +33,11 @@ class MoEConfig:
 
   Attributes:
     router: the `RouterConfig` (top_k, scores, grouping, noise, ...).
-    activation: expert FFN kind: "swiglu", "geglu" (GLU: needs `w_gate`), "gelu" or
-      "relu" (the seed's ReLU(x W1) W2).
+    activation: the expert FFN's activation: a name in `jmoe.ACTIVATIONS`
+      ("swiglu", "geglu", "geglu_tanh" (gated: need `w_gate`), "gelu",
+      "gelu_tanh", "relu" (the seed's ReLU(x W1) W2)), a `jmoe.Activation`, or
+      any elementwise callable (not gated). "_tanh" is the tanh-approximate GELU
+      (gemma's GeGLU, Hugging Face's "gelu_pytorch_tanh").
     capacity_factor: None for dropless token choice (no token is ever dropped).
       A float turns on capacity mode: each expert keeps at most
       ceil(capacity_factor * T * k / E) (token, slot) pairs in token order and the
@@ -51,12 +47,12 @@ class MoEConfig:
   """
 
   router: routing_lib.RouterConfig = routing_lib.RouterConfig()
-  activation: Literal["swiglu", "geglu", "gelu", "relu"] = "swiglu"
+  activation: Any = "swiglu"
   capacity_factor: float | None = None
   gmm_implementation: str | None = None
 
   def __post_init__(self):
-    checks.check_choice("MoEConfig", "activation", self.activation, ACTIVATIONS)
+    activation_of(self.activation, "MoEConfig")
     if not isinstance(self.router, routing_lib.RouterConfig):
       raise TypeError(
           f"MoEConfig: `router` must be a RouterConfig; got {type(self.router)}.")
@@ -104,8 +100,11 @@ class MoEAux:
     return cls(**{f.name: value for f in dataclasses.fields(cls)})
 
 
-def ffn(x: Array, params: FFNParams, activation: str) -> Array:
+def ffn(x: Array, params: FFNParams, activation) -> Array:
   """A dense FFN on [..., D], output in x.dtype.
+
+  `activation`: a name in `jmoe.ACTIVATIONS`, a `jmoe.Activation` or an
+  elementwise callable (see `MoEConfig.activation`).
 
   Matmuls take and give x.dtype (bf16 GEMMs accumulate in float32 inside); the
   activation and gating run in float32. Keeping matmul outputs in the compute
@@ -113,34 +112,34 @@ def ffn(x: Array, params: FFNParams, activation: str) -> Array:
   backward product a float32 one).
   """
   dt = x.dtype
-  act = _ACT[activation]
+  act = activation_of(activation, "ffn")
   up = jnp.dot(x, params.w_up.astype(dt)).astype(jnp.float32)
-  if is_glu(activation):
+  if act.glu:
     gate = jnp.dot(x, params.w_gate.astype(dt)).astype(jnp.float32)
-    h = act(gate) * up
+    h = act.fn(gate) * up
   else:
-    h = act(up)
+    h = act.fn(up)
   return jnp.dot(h.astype(dt), params.w_down.astype(dt))
 
 
 def expert_ffn(rows: Array, w_up: Array, w_down: Array, w_gate: Array | None,
-               group_sizes: Array, activation: str, *,
+               group_sizes: Array, activation, *,
                implementation: str | None = None,
                group_offset: Array | None = None) -> Array:
   """Every expert's FFN on its rows: [R, D] -> [R, D] through grouped matmuls.
 
-  Same precision policy as `ffn`: grouped matmuls in rows.dtype with float32
-  accumulation, activation in float32.
+  Same precision and activation policy as `ffn`: grouped matmuls in rows.dtype
+  with float32 accumulation, activation in float32.
   """
   dt = rows.dtype
-  act = _ACT[activation]
+  act = activation_of(activation, "expert_ffn")
   mm = lambda a, w: gmm(a, w.astype(dt), group_sizes, group_offset=group_offset,
                         implementation=implementation)
   up = mm(rows, w_up).astype(jnp.float32)
-  if is_glu(activation):
-    h = act(mm(rows, w_gate).astype(jnp.float32)) * up
+  if act.glu:
+    h = act.fn(mm(rows, w_gate).astype(jnp.float32)) * up
   else:
-    h = act(up)
+    h = act.fn(up)
   return mm(h.astype(dt), w_down)
 
 
@@ -174,7 +173,7 @@ def make_aux(routing, plan: permute_lib.DispatchPlan) -> MoEAux:
       nonfinite_tokens=jnp.sum(nonfinite, dtype=jnp.int32))
 
 
-def shared_output(x: Array, params: MoEParams, activation: str) -> Array:
+def shared_output(x: Array, params: MoEParams, activation) -> Array:
   """The shared expert(s) on x [T, D], gated if `params.shared_gate` is set."""
   out = ffn(x, params.shared, activation)
   if params.shared_gate is not None:

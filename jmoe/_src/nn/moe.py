@@ -13,7 +13,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from jmoe._src import checks
 from jmoe._src import moe as moe_lib
 from jmoe._src import params as params_lib
 from jmoe._src import routing as routing_lib
@@ -89,12 +88,11 @@ class FeedForward(nnx.Module):
   "mlp"), `w_down` [F, D] ("mlp", "embed").
   """
 
-  def __init__(self, d_model: int, d_ff: int, *, activation: str = "swiglu",
+  def __init__(self, d_model: int, d_ff: int, *, activation="swiglu",
                dtype=None, param_dtype=jnp.float32,
                kernel_init: Initializer = fan_in_init,
                eager_sharding: bool = False, rngs: nnx.Rngs):
-    checks.check_choice("FeedForward", "activation", activation,
-                        moe_lib.ACTIVATIONS)
+    moe_lib.activation_of(activation, "FeedForward")
     self.d_model = d_model
     self.d_ff = d_ff
     self.activation = activation
@@ -224,6 +222,27 @@ class MoE(nnx.Module):
       if v is not None:
         values[s.path] = v[...]
     return params_lib.params_from_flat(values)
+
+  def set_params(self, params: moe_lib.MoEParams) -> None:
+    """Writes `jmoe.MoEParams` (e.g. from `jmoe.upcycle_ffn`) into this module's
+    variables, cast to their dtypes. Shapes and present parts must match."""
+    fn = "MoE.set_params"
+    for s in params_lib.MOE_PARAMS:
+      var = self
+      for name in s.module_path:
+        var = None if var is None else getattr(var, name)
+      value = params_lib.get_param(params, s.path)
+      if (var is None) != (value is None):
+        raise ValueError(
+            f"{fn}: `params.{s.path}` is {'missing' if value is None else 'given'}"
+            f" but this module {'has' if var is not None else 'has no'} it.")
+      if var is None:
+        continue
+      if tuple(value.shape) != tuple(var[...].shape):
+        raise ValueError(
+            f"{fn}: `params.{s.path}` must have shape {s.layout}="
+            f"{tuple(var[...].shape)}; got {tuple(value.shape)}.")
+      var[...] = jnp.asarray(value, var[...].dtype)
 
   def __call__(self, x: Array, *,
                key: Array | None = None) -> tuple[Array, moe_lib.MoEAux]:
