@@ -16,13 +16,16 @@ from jmoe._src.moe import MoEConfig as MoEConfig
 from jmoe._src.moe import expert_ffn as expert_ffn
 from jmoe._src.moe import ffn as ffn
 from jmoe._src.moe import moe_ffn as moe_ffn
+from jmoe._src.params import ACTIVATIONS as ACTIVATIONS
 from jmoe._src.params import FFN_PARAMS as FFN_PARAMS
 from jmoe._src.params import MOE_PARAMS as MOE_PARAMS
+from jmoe._src.params import Activation as Activation
 from jmoe._src.params import FFNParams as FFNParams
 from jmoe._src.params import MoELayout as MoELayout
 from jmoe._src.params import MoEParams as MoEParams
 from jmoe._src.params import ParamSpec as ParamSpec
 from jmoe._src.params import init_params as init_params
+from jmoe._src.params import upcycle_ffn as upcycle_ffn
 from jmoe._src.permute import DispatchPlan as DispatchPlan
 from jmoe._src.permute import dispatch_plan as dispatch_plan
 from jmoe._src.permute import permute as permute

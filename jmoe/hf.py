@@ -306,7 +306,8 @@ def family(name_or_config) -> Family:
 # ------------------------------------------------------------------------------
 
 
-_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
+_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu",
+                "gelu_pytorch_tanh": "geglu_tanh"}
 
 
 def _activation(c) -> str:

@@ -59,7 +59,7 @@ class _FFNWeights(nn.Module):
   `jmoe.FFNParams`."""
 
   d_ff: int
-  activation: str = "swiglu"
+  activation: Any = "swiglu"
   param_dtype: Any = jnp.float32
   kernel_init: Callable = fan_in_init
 
@@ -83,7 +83,8 @@ class MoE(nn.Module):
     shared_gate: gate the shared output by sigmoid(x @ shared_gate) (Qwen2-MoE).
     router_bias: keep a selection-only router bias in collection `EXPERT_BIAS`.
     parallel: None, or an object with `moe_ffn(x, params, config, *, key)` (e.g.
-      `jmoe.parallel.ExpertParallel`) called instead of `jmoe.moe_ffn`.
+      `jmoe.parallel.ExpertParallel`) called instead of `jmoe.moe_ffn` (given
+      `mask=` / `deterministic=True` too when the call passes them).
     dtype: compute dtype (None: x.dtype); param_dtype: storage dtype.
     kernel_init: initializer `(key, shape, dtype)` of every weight.
   """
@@ -100,14 +101,18 @@ class MoE(nn.Module):
   kernel_init: Callable = fan_in_init
 
   @nn.compact
-  def __call__(self, x: Array, *,
-               key: Array | None = None) -> tuple[Array, moe_lib.MoEAux]:
+  def __call__(self, x: Array, *, key: Array | None = None,
+               mask: Array | None = None,
+               deterministic: bool = False) -> tuple[Array, moe_lib.MoEAux]:
     """y, aux = moe(x).
 
     Args:
       x: [..., d_model].
       key: PRNG key for router jitter / noise; None: the "router" rng stream if
         one was passed to `apply`, else no noise.
+      mask: optional bool [...] (x.shape[:-1]), True for real tokens (see
+        `jmoe.moe_ffn`).
+      deterministic: evaluation: the config's `eval_capacity_factor`, no noise.
 
     Returns:
       y: [..., d_model] in the compute dtype; aux: `jmoe.MoEAux`.
@@ -138,9 +143,13 @@ class MoE(nn.Module):
       key = self.make_rng(ROUTER_RNG)
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    if self.parallel is not None:
-      return self.parallel.moe_ffn(x, params, cfg, key=key)
-    return moe_lib.moe_ffn(x, params, cfg, key=key)
+    kw = {"key": key}
+    if mask is not None:
+      kw["mask"] = mask
+    if deterministic:
+      kw["deterministic"] = True
+    layer = moe_lib.moe_ffn if self.parallel is None else self.parallel.moe_ffn
+    return layer(x, params, cfg, **kw)
 
 
 def moe_params(variables) -> moe_lib.MoEParams:

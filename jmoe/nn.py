@@ -50,3 +50,4 @@ from jmoe._src.nn.variables import fan_in_init as fan_in_init
 from jmoe._src.nn.variables import logical_partition_specs as logical_partition_specs
 from jmoe._src.nn.variables import logical_shardings as logical_shardings
 from jmoe._src.nn.variables import param as param
+from jmoe._src.nn.variables import token_sharding as token_sharding

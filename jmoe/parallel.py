@@ -35,11 +35,13 @@ Dispatchers (`ExpertParallel.dispatcher`), one semantics each:
   (buffer n * T_l * min(k, E_l) rows) and the partial outputs are summed back with a
   reduce-scatter (`psum_scatter`). Good when E_l is small and tokens are few.
 
-Auxiliary metrics are global (reduced over the token axes): they equal the ones of
-`jmoe.moe_ffn` on the whole batch (the balance loss from the summed counts and the
-mean router probabilities of all tokens, not a mean of per-shard losses). Under
-"all_to_all" the drops follow the per-shard rule: `tokens_per_expert` is the sum and
-`dropped_fraction` the mean of the per-shard values.
+Auxiliary metrics are global: every shard's `jmoe._src.moe.AuxSums` (sums over its
+unmasked tokens) are summed over the token axes and turned into the `MoEAux` of the
+whole batch, as `jmoe.moe_ffn` computes it (the balance loss from the summed counts
+and the mean router probabilities of all tokens, not a mean of per-shard losses).
+Under "all_to_all" the drops follow the per-shard rule: `dropped_fraction` is the
+whole batch's dropped pairs over its routed pairs (without a mask, the mean of the
+per-shard values). A token mask (`moe_ffn(..., mask=)`) works with every dispatcher.
 
 Usage:
 
@@ -159,9 +161,9 @@ class ExpertParallel:
             f"{fn}: `capacity_factor` is the per-shard capacity of"
             f" dispatcher='all_to_all'; got it with dispatcher={self.dispatcher!r}"
             " (the exact dispatchers follow MoEConfig.capacity_factor).")
-      if not self.capacity_factor > 0:
-        raise ValueError(f"{fn}: `capacity_factor` must be > 0; got {self.capacity_factor}.")
-    if not self.dropless_bound >= 1.0:
+      routing_lib.check_capacity_factor(fn, "capacity_factor", self.capacity_factor)
+    if not (isinstance(self.dropless_bound, (int, float))
+            and math.isfinite(self.dropless_bound) and self.dropless_bound >= 1.0):
       raise ValueError(f"{fn}: `dropless_bound` must be >= 1.0; got {self.dropless_bound}.")
 
   # ---------------------------------------------------------------- layout
@@ -204,31 +206,40 @@ class ExpertParallel:
     return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(params))
 
   def block_rows(self, tokens_per_shard: int, num_experts: int,
-                 config: MoEConfig) -> int:
+                 config: MoEConfig, *, deterministic: bool = False) -> int:
     """B: the static rows of one (source, destination) exchange block."""
     n, k = self.num_expert_shards, config.top_k
     e_l = num_experts // n
     most = tokens_per_shard * min(k, e_l)  # the most one device can send to another
     if self.dispatcher == "all_to_all":
-      cap = routing_lib.expert_capacity(tokens_per_shard, num_experts, k,
-                                        self._capacity_factor(config))
-      return min(e_l * cap, most)
+      return min(e_l * self.shard_capacity(tokens_per_shard, num_experts, config,
+                                           deterministic=deterministic), most)
     if self.dispatcher == "dropless":
       return min(math.ceil(self.dropless_bound * tokens_per_shard * k / n), most)
     return self.num_expert_shards * most  # all_gather: the gathered buffer
 
-  def _capacity_factor(self, config: MoEConfig) -> float:
-    cf = config.capacity_factor if self.capacity_factor is None else self.capacity_factor
+  def shard_capacity(self, tokens_per_shard: int, num_experts: int,
+                     config: MoEConfig, *, deterministic: bool = False) -> int:
+    """"all_to_all": C, each expert's rows per token shard: `expert_capacity` of
+    the shard's tokens with `capacity_factor` (else the config's factor of
+    training or evaluation) and `MoEConfig.min_capacity`."""
+    cf = self.capacity_factor
+    if cf is None:
+      cf = config.capacity_factor_for(deterministic)
     if cf is None:
       raise ValueError(
           "ExpertParallel: dispatcher='all_to_all' needs a capacity factor: set"
           " ExpertParallel(capacity_factor=...) or MoEConfig(capacity_factor=...)"
-          " (or use dispatcher='dropless').")
-    return cf
+          " (and eval_capacity_factor for deterministic=True), or use"
+          " dispatcher='dropless'.")
+    return routing_lib.expert_capacity(tokens_per_shard, num_experts,
+                                       config.top_k, cf,
+                                       min_capacity=config.min_capacity)
 
   # ------------------------------------------------------------------ layer
   def moe_ffn(self, x: Array, params: MoEParams, config: MoEConfig | None = None, *,
-              key: Array | None = None) -> tuple[Array, MoEAux]:
+              key: Array | None = None, mask: Array | None = None,
+              deterministic: bool = False) -> tuple[Array, MoEAux]:
     """The expert-parallel MoE layer; same contract as `jmoe.moe_ffn`.
 
     Args:
@@ -239,22 +250,30 @@ class ExpertParallel:
       config: `MoEConfig` (default: `MoEConfig()`).
       key: PRNG key for router jitter / noise: the same draws as `jmoe.moe_ffn`
         makes on the whole batch (each shard takes its rows of them).
+      mask: optional bool [B, ...] (x.shape[:-1]), True for the tokens to run:
+        as in `jmoe.moe_ffn` (masked tokens are not dispatched, give zeros and
+        count in no metric), sharded like x.
+      deterministic: evaluation, as in `jmoe.moe_ffn` (the eval capacity
+        factor, no noise).
 
     Returns:
       y: [B, ..., D] in x.dtype, sharded like x.
       aux: `MoEAux` of the whole batch (replicated).
     """
-    y, aux, _ = self.moe_ffn_with_stats(x, params, config, key=key)
+    y, aux, _ = self.moe_ffn_with_stats(x, params, config, key=key, mask=mask,
+                                        deterministic=deterministic)
     return y, aux
 
   def moe_ffn_with_stats(self, x: Array, params: MoEParams,
                          config: MoEConfig | None = None, *,
-                         key: Array | None = None
+                         key: Array | None = None, mask: Array | None = None,
+                         deterministic: bool = False
                          ) -> tuple[Array, MoEAux, DispatchStats]:
     """`moe_ffn`, plus the `DispatchStats` of the exchange."""
     fn = "ExpertParallel.moe_ffn"
     config = MoEConfig() if config is None else config
     moe_lib.check_params(fn, x, params, config.activation)
+    mask = routing_lib.check_mask(fn, mask, x.shape[:-1], "x.shape[:-1]")
     if not config.router.kind_impl.per_token:  # `route` validates the rest
       raise ValueError(
           f"{fn}: {config.router.kind} routing (e.g. expert-choice) ranks every"
@@ -279,24 +298,35 @@ class ExpertParallel:
           f" the number of token shards ({ns}: `data_axes` {self.data_axes} and"
           f" `expert_axis` {self.expert_axis!r}).")
     if self.dispatcher == "all_to_all":
-      self._capacity_factor(config)
+      self.shard_capacity(t // ns, e, config, deterministic=deterministic)
 
+    tokens = P(self.token_axes)
     x = _constrain(x, self.mesh, self.input_spec())
-    xt = _constrain(x.reshape(t, shape[-1]), self.mesh, P(self.token_axes))
+    xt = _constrain(x.reshape(t, shape[-1]), self.mesh, tokens)
+    if mask is not None:
+      mask = _constrain(mask.reshape(t), self.mesh, tokens)
+    # The whole batch's noise, drawn as `jmoe.moe_ffn` draws it; each shard
+    # receives its rows.
+    noise = routing_lib.noise_draws(config.router, None if deterministic else key,
+                                    (t, e))
+    if noise is not None:
+      noise = tuple(_constrain(a, self.mesh, tokens) for a in noise)
     params = jax.tree.map(lambda a, s: _constrain(a, self.mesh, s), params,
                           self.param_specs(params))
-    body = lambda xt, params, key: _shard_body(self, config, t, e, xt, params, key)
-    key_spec = None if key is None else P()
+    body = lambda xt, params, mask, noise: _shard_body(
+        self, config, deterministic, t, e, xt, params, mask, noise)
+    spec_of = lambda a: jax.tree.map(lambda _: tokens, a)
     stats_spec = DispatchStats(P(), P(), P())
     aux_spec = MoEAux.filled(P())
     # Every gmm backend types its outputs' varying axes (jmoe._src.gmm.ops).
     check_vma = True
     mapped = jax.shard_map(
         body, mesh=self.mesh,
-        in_specs=(P(self.token_axes), self.param_specs(params), key_spec),
-        out_specs=(P(self.token_axes), aux_spec, stats_spec),
+        in_specs=(tokens, self.param_specs(params), spec_of(mask),
+                  spec_of(noise)),
+        out_specs=(tokens, aux_spec, stats_spec),
         check_vma=check_vma)
-    y, aux, stats = mapped(xt, params, key)
+    y, aux, stats = mapped(xt, params, mask, noise)
     y = _constrain(y, self.mesh, self.input_spec()).reshape(shape)
     return y, aux, stats
 
@@ -338,23 +368,28 @@ def _constrain(a: Array, mesh: Mesh, spec: P) -> Array:
 # Inside the shard: the single-device code plus the exchange.
 
 
-def _shard_body(ep: ExpertParallel, config: MoEConfig, num_tokens: int,
-                num_experts: int, xt: Array, params: MoEParams, key):
-  """One device: its T_l tokens xt [T_l, D], its E_l experts in `params`."""
+def _shard_body(ep: ExpertParallel, config: MoEConfig, deterministic: bool,
+                num_tokens: int, num_experts: int, xt: Array, params: MoEParams,
+                mask: Array | None, noise):
+  """One device: its T_l tokens xt [T_l, D] (mask [T_l], noise rows [T_l, E]),
+  its E_l experts in `params`."""
   axes, ax, n = ep.token_axes, ep.expert_axis, ep.num_expert_shards
   t_l, k = xt.shape[0], config.top_k
   shard = lax.axis_index(axes)
-  routing = _route_shard(xt, params, config, key, shard * t_l, num_tokens)
+  xt = moe_lib.apply_mask(xt, mask)  # masked tokens are never read
+  routing, _ = moe_lib.route_tokens(xt, params, config, None, mask, noise=noise,
+                                    deterministic=deterministic)
 
   if ep.dispatcher == "all_to_all":
-    cap = routing_lib.expert_capacity(t_l, num_experts, k, ep._capacity_factor(config))
+    cap = ep.shard_capacity(t_l, num_experts, config, deterministic=deterministic)
     plan = permute_lib.dispatch_plan(routing.experts, num_experts, capacity=cap)
     experts, aux_plan = routing.experts, plan
   else:
-    experts, plan, aux_plan = _global_capacity(routing.experts, num_experts, config,
-                                               num_tokens, shard, axes)
+    cap = config.capacity(num_tokens, num_experts, deterministic=deterministic)
+    experts, plan, aux_plan = _global_capacity(routing.experts, num_experts, cap,
+                                               shard, axes)
 
-  block = ep.block_rows(t_l, num_experts, config)
+  block = ep.block_rows(t_l, num_experts, config, deterministic=deterministic)
   if ep.dispatcher == "all_gather":
     y, rows = _exchange_all_gather(xt, experts, routing.weights, params, config, ax)
     stats = DispatchStats(jnp.zeros((), jnp.int32), lax.pmax(rows, axes),
@@ -379,25 +414,22 @@ def _shard_body(ep: ExpertParallel, config: MoEConfig, num_tokens: int,
 
   if params.shared is not None:
     y = y + moe_lib.shared_output(xt, params, config.activation)
-  return y, _global_aux(routing, aux_plan, axes), stats
+  y = moe_lib.apply_mask(y, mask)
+  aux = moe_lib.aux_from_sums(
+      routing, lax.psum(moe_lib.aux_sums(routing, aux_plan), axes),
+      config.balance_convention)
+  return y, aux, stats
 
 
-def _route_shard(xt: Array, params: MoEParams, config: MoEConfig, key,
-                 row_start: Array, num_tokens: int):
-  """`moe_lib.route_tokens` on this shard's rows, with the whole batch's noise."""
-  logits = moe_lib.router_logits(xt, params.router)
-  logits = routing_lib.apply_noise(logits, config.router, key,
-                                   row_start=row_start, total_rows=num_tokens)
-  return routing_lib.route(logits, config.router, bias=params.router_bias, key=None)
-
-
-def _global_capacity(experts: Array, num_experts: int, config: MoEConfig,
-                     num_tokens: int, shard: Array, axes):
+def _global_capacity(experts: Array, num_experts: int, cap: int | None,
+                     shard: Array, axes):
   """The exact dispatchers' plan: dropless, or single-device capacity on the batch.
 
-  With `config.capacity_factor`, expert e keeps the first C = capacity(T, E) pairs
-  of the *whole batch* in token order: this shard's pair at position p of its local
-  segment is kept iff (pairs of e on earlier shards) + p < C.
+  With a capacity C (`MoEConfig.capacity` of the whole batch), expert e keeps the
+  first C pairs of the *whole batch* in token order: this shard's pair at position
+  p of its local segment is kept iff (pairs of e on earlier shards) + p < C.
+  Pairs that are not routed (expert -1: masked tokens) are neither kept nor
+  dropped.
 
   Returns:
     experts: int32 [T_l, k], -1 for pairs dropped for capacity.
@@ -405,34 +437,18 @@ def _global_capacity(experts: Array, num_experts: int, config: MoEConfig,
     aux_plan: the plan whose `expert_load` / `num_dropped` feed the metrics.
   """
   plan = permute_lib.dispatch_plan(experts, num_experts)
-  cap = config.capacity(num_tokens, num_experts)
   if cap is None:
     return experts, plan, plan
   s = math.prod(lax.axis_size(a) for a in axes)
   loads = lax.psum(jnp.zeros((s, num_experts), jnp.int32).at[shard].set(
       plan.expert_load), axes)  # [S, E], shard order = token order
   before = jnp.take(jnp.cumsum(loads, axis=0) - loads, shard, axis=0)  # [E]
-  keep = before[experts] + plan.slot_pos < cap
+  valid = (experts >= 0) & (experts < num_experts)
+  keep = valid & (jnp.take(before, experts, mode="clip") + plan.slot_pos < cap)
   kept = jnp.where(keep, experts, -1)
   aux_plan = dataclasses.replace(
-      plan, num_dropped=jnp.sum(~keep, dtype=jnp.int32))
+      plan, num_dropped=jnp.sum(valid & ~keep, dtype=jnp.int32))
   return kept, permute_lib.dispatch_plan(kept, num_experts), aux_plan
-
-
-def _global_aux(routing: routing_lib.Routing, plan: permute_lib.DispatchPlan,
-                axes) -> MoEAux:
-  """`moe_lib.make_aux` of the whole batch from every shard's (equal-size) part."""
-  local = moe_lib.make_aux(routing, plan)
-  counts = lax.psum(local.tokens_per_expert, axes)
-  slots = lax.psum(jnp.asarray(routing.num_slots, jnp.float32), axes)
-  p = lax.pmean(routing_lib.mean_router_probs(routing.probs), axes)
-  return MoEAux(
-      balance_loss=routing.balance_loss(counts, num_slots=slots, mean_probs=p),
-      z_loss=lax.pmean(local.z_loss, axes),
-      tokens_per_expert=counts,
-      dropped_fraction=lax.pmean(local.dropped_fraction, axes),
-      router_entropy=lax.pmean(local.router_entropy, axes),
-      nonfinite_tokens=lax.psum(local.nonfinite_tokens, axes))
 
 
 def _local_ffn(rows: Array, params: MoEParams, group_sizes: Array,

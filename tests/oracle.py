@@ -56,14 +56,16 @@ def combine_matrix(routing, num_tokens: int, keep=None):
 
 
 def oracle_moe(x, params: jmoe.MoEParams, config: jmoe.MoEConfig, *, keep=None,
-               key=None):
-  """Returns (y, routing). `keep`: optional bool [T, k] capacity mask (token choice)."""
+               key=None, capacity=None):
+  """Returns (y, routing). `keep`: optional bool [T, k] capacity mask (token choice).
+  `capacity`: expert choice's picks per expert (default: the config's for T)."""
   shape = x.shape
   xt = x.reshape(-1, shape[-1])
   t = xt.shape[0]
   logits = jnp.dot(xt.astype(jnp.float32), params.router.astype(jnp.float32),
                    precision="highest")
-  capacity = config.capacity(t, params.num_experts)
+  if capacity is None:
+    capacity = config.capacity(t, params.num_experts)
   routing = jmoe.route(
       logits, config.router, bias=params.router_bias, key=key,
       capacity=capacity if config.router.kind == "expert_choice" else None)
@@ -78,11 +80,12 @@ def oracle_moe(x, params: jmoe.MoEParams, config: jmoe.MoEConfig, *, keep=None,
   return y.astype(x.dtype).reshape(shape), routing
 
 
-def oracle_keep(x, params, config):
-  """The capacity mask the oracle should use for this input (None if dropless)."""
-  if config.router.kind == "expert_choice" or config.capacity_factor is None:
-    return None
+def oracle_keep(x, params, config, capacity=None):
+  """The capacity mask the oracle should use for this input (None if dropless).
+  `capacity`: the per-expert capacity (default: the config's for x's tokens)."""
   xt = x.reshape(-1, x.shape[-1])
+  cap = config.capacity(xt.shape[0], params.num_experts) if capacity is None else capacity
+  if config.router.kind == "expert_choice" or cap is None:
+    return None
   _, routing = oracle_moe(x, params, config)
-  cap = config.capacity(xt.shape[0], params.num_experts)
   return capacity_keep(np.asarray(routing.experts), params.num_experts, cap)

@@ -100,3 +100,19 @@ def test_linen_model_trains_with_optax():
   # Boxes (logical names) survive the optimizer update.
   spec = nn.get_partition_spec(params)["moe"]["w_gate"]
   assert spec == jax.sharding.PartitionSpec("expert", "embed", "mlp")
+
+
+def test_linen_moe_passes_mask_and_deterministic():
+  config = jmoe.MoEConfig(capacity_factor=0.5, eval_capacity_factor=None)
+  moe = jlinen.MoE(F, E, config=config)
+  x = jax.random.normal(jax.random.key(0), (2, 5, D))
+  mask = jnp.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], bool)
+  variables = moe.init(jax.random.key(1), x)
+  outs, refs = jax.jit(lambda v, x: (
+      (moe.apply(v, x, mask=mask), moe.apply(v, x, deterministic=True)),
+      (jmoe.moe_ffn(x, jlinen.moe_params(v), config, mask=mask),
+       jmoe.moe_ffn(x, jlinen.moe_params(v), config, deterministic=True))))(
+          variables, x)
+  for a, b in zip(jax.tree.leaves(outs), jax.tree.leaves(refs)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(outs[1][1].dropped_fraction) == 0.0

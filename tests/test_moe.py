@@ -1,6 +1,7 @@
 """moe_ffn against the dense oracle: values and gradients, every variant."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -178,3 +179,226 @@ def test_router_bias_changes_selection_not_weights():
   # No gradient flows into the bias.
   g = jax.grad(lambda p: jnp.sum(jmoe.moe_ffn(x, p, config)[0]))(params)
   assert float(jnp.abs(g.router_bias).sum()) == 0.0
+
+
+# ----------------------------------------------------------------- token mask
+
+MASK = np.array([[1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1],
+                 [0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0]], bool)  # 15 of 24 tokens
+
+
+@pytest.mark.parametrize("name,cf,shared", [
+    ("softmax_topk", None, True), ("softmax_topk", 0.5, False),
+    ("expert_choice", None, False)])
+def test_mask_equals_the_oracle_without_the_masked_tokens(name, cf, shared):
+  """Masked tokens (NaN here: never read) give zeros and zero gradients; the kept
+  ones equal the oracle run on the kept tokens alone (at the capacity of the
+  full batch, which sizes the buffers); the aux counts only kept tokens."""
+  config = jmoe.MoEConfig(router=ROUTERS[name], capacity_factor=cf)
+  x, params = make(jax.random.key(21), shared=shared, gate=shared)
+  x = jnp.where(MASK[..., None], x, jnp.nan)
+  kept = x[MASK]  # [15, D]
+  cap = config.capacity(T, E)
+  keep = oracle.oracle_keep(kept, params, config, capacity=cap)
+  ct = jax.random.normal(jax.random.key(7), x.shape)
+
+  def ours(x, p):
+    y, aux = jmoe.moe_ffn(x, p, config, mask=MASK)
+    return jnp.sum(y * ct), (y, aux)
+
+  def ref(kept, p):
+    y, _ = oracle.oracle_moe(kept, p, config, keep=keep, capacity=cap)
+    return jnp.sum(y * ct[MASK]), y
+
+  (_, (y, aux)), (gx, gp) = jax.jit(jax.value_and_grad(
+      ours, argnums=(0, 1), has_aux=True))(x, params)
+  (_, y_ref), (gx_ref, gp_ref) = jax.jit(jax.value_and_grad(
+      ref, argnums=(0, 1), has_aux=True))(kept, params)
+  assert np.all(np.asarray(y)[~MASK] == 0)
+  assert np.all(np.asarray(gx)[~MASK] == 0)
+  assert_rel(y[MASK], y_ref, what="masked y vs oracle")
+  assert_rel(gx[MASK], gx_ref, what="masked dx vs oracle")
+  assert_tree_rel(gp, gp_ref, what="masked dparams ")
+
+  if name == "softmax_topk":
+    # The aux of the masked call is the aux of the kept tokens alone (dropless:
+    # independent of T), and so are the aux losses' gradients.
+    kept_config = jmoe.MoEConfig(router=ROUTERS[name])
+    def aux_loss(x, p, **kw):
+      a = jmoe.moe_ffn(x, p, kw.pop("config"), **kw)[1]
+      return a.balance_loss + a.z_loss + a.router_entropy, a
+    grad = lambda **kw: jax.jit(jax.grad(
+        functools.partial(aux_loss, **kw), argnums=(0, 1), has_aux=True))
+    g, _ = grad(config=config, mask=MASK)(x, params)
+    g_ref, aux_ref = grad(config=kept_config)(kept, params)
+    fields = dict(vars(aux_ref))
+    if cf is not None:  # drops follow the full batch's capacity: the oracle's
+      fields["dropped_fraction"] = 1.0 - keep.mean()
+    assert_tree_rel(aux, type(aux)(**fields), what="masked aux ")
+    assert np.all(np.asarray(g[0])[~MASK] == 0)
+    assert_rel(g[0][MASK], g_ref[0], what="aux dx")
+    assert_rel(g[1].router, g_ref[1].router, what="aux drouter")
+  else:  # expert choice: every pick is a kept token
+    assert int(jnp.sum(aux.tokens_per_expert)) == E * cap
+    assert float(aux.balance_loss) == 0.0
+  assert int(aux.nonfinite_tokens) == 0  # the NaN padding is not counted
+
+
+def test_mask_expert_choice_with_fewer_tokens_than_picks():
+  """Only 3 tokens kept, capacity 6: the empty picks hold no token, add nothing."""
+  config = jmoe.MoEConfig(router=ROUTERS["expert_choice"])
+  x, params = make(jax.random.key(22))
+  mask = np.zeros((2, T // 2), bool)
+  mask[0, [1, 5]] = mask[1, 7] = True
+  y, aux = jmoe.moe_ffn(x, params, config, mask=mask)
+  xt = x.reshape(-1, D)
+  h = oracle.all_experts(x[mask], params, "swiglu")  # [E, 3, D]
+  logits = x[mask] @ params.router
+  w = jax.nn.softmax(logits, axis=-1)  # every expert picks all 3 tokens
+  y_ref = jnp.einsum("te,etd->td", w, h)
+  assert_rel(y[mask], y_ref, what="expert choice, few tokens")
+  assert np.all(np.asarray(y)[~mask] == 0)
+  np.testing.assert_array_equal(np.asarray(aux.tokens_per_expert), [3] * E)
+  del xt
+
+
+def test_mask_all_false_and_integer_masks():
+  x, params = make(jax.random.key(23))
+  y, aux = jmoe.moe_ffn(x, params, mask=np.zeros(x.shape[:-1], bool))
+  assert np.all(np.asarray(y) == 0)
+  for v in (aux.balance_loss, aux.z_loss, aux.router_entropy,
+            aux.dropped_fraction, aux.tokens_per_expert, aux.mean_router_probs):
+    assert np.all(np.asarray(v) == 0)
+  y1, _ = jmoe.moe_ffn(x, params, mask=MASK)
+  y2, _ = jmoe.moe_ffn(x, params, mask=MASK.astype(np.int32) * 3)
+  np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+
+
+def test_routing_losses_take_a_mask():
+  x, params = make(jax.random.key(24))
+  logits = jmoe._src.moe.router_logits(x.reshape(-1, D), params.router)
+  m = MASK.reshape(-1)
+  r = jmoe.route(logits, top_k=2, mask=m)
+  r_kept = jmoe.route(logits[m], top_k=2)
+  assert np.all(np.asarray(r.experts)[~m] == -1)
+  assert np.all(np.asarray(r.weights)[~m] == 0)
+  np.testing.assert_array_equal(np.asarray(r.experts)[m], np.asarray(r_kept.experts))
+  assert_rel(jmoe.load_balancing_loss(r.probs, r.experts, mask=m),
+             jmoe.load_balancing_loss(r_kept.probs, r_kept.experts), what="lb")
+  assert_rel(jmoe.router_z_loss(logits, m), jmoe.router_z_loss(logits[m]),
+             what="z")
+
+
+# ------------------------------------------------- capacity: train, eval, min
+
+
+def test_eval_capacity_factor_and_min_capacity():
+  x, params = make(jax.random.key(25))
+  key = jax.random.key(3)
+  dropless = jmoe.moe_ffn(x, params)[0]
+  config = jmoe.MoEConfig(capacity_factor=0.25, eval_capacity_factor=None,
+                          noise_std=3.0)
+  y_train, aux_train = jmoe.moe_ffn(x, params, config, key=key)
+  y_eval, aux_eval = jmoe.moe_ffn(x, params, config, key=key, deterministic=True)
+  assert float(aux_train.dropped_fraction) > 0
+  assert float(aux_eval.dropped_fraction) == 0.0  # dropless, and no noise
+  np.testing.assert_array_equal(np.asarray(y_eval), np.asarray(dropless))
+  # "train" (the default) uses the training factor in evaluation too.
+  same = dataclasses.replace(config, eval_capacity_factor="train", noise_std=0.0)
+  assert same.capacity(T, E, deterministic=True) == same.capacity(T, E) == 2
+  # min_capacity lifts C = ceil(0.25 * 24 * 2 / 8) = 2 to 5: as the oracle.
+  lifted = dataclasses.replace(same, min_capacity=5)
+  assert lifted.capacity(T, E) == 5 and lifted.capacity(T, E, deterministic=True) == 5
+  aux = check_against_oracle(x, params, lifted, grads=False)
+  assert float(aux.dropped_fraction) < float(aux_train.dropped_fraction)
+  assert jmoe.expert_capacity(24, 8, 2, 0.25, min_capacity=100) == 24  # <= T
+
+
+def test_aux_mean_router_probs_and_hf_convention():
+  x, params = make(jax.random.key(26))
+  config = jmoe.MoEConfig(router=ROUTERS["softmax_topk_norm"])  # k = 3
+  _, aux = jmoe.moe_ffn(x, params, config)
+  logits = jmoe._src.moe.router_logits(x.reshape(-1, D), params.router)
+  assert_rel(aux.mean_router_probs, jax.nn.softmax(logits).mean(0), what="P")
+  f = np.asarray(aux.tokens_per_expert) / (T * 3)
+  assert_rel(aux.balance_loss, E * np.sum(f * np.asarray(aux.mean_router_probs)),
+             what="balance from P")
+  _, aux_hf = jmoe.moe_ffn(x, params, dataclasses.replace(
+      config, balance_convention="hf"))
+  assert_rel(aux_hf.balance_loss, 3 * aux.balance_loss, what="hf = k * switch")
+  r = jmoe.route(logits, config.router)
+  assert_rel(jmoe.load_balancing_loss(r.probs, r.experts, convention="hf"),
+             aux_hf.balance_loss, what="hf load_balancing_loss")
+  # Hugging Face's formula (load_balancing_loss_func), written out.
+  onehot = jax.nn.one_hot(r.experts, E)  # [T, k, E]
+  hf = E * jnp.sum(onehot.mean(0).sum(0) * r.probs.mean(0))
+  assert_rel(aux_hf.balance_loss, hf, what="hf formula")
+
+
+def test_moe_config_takes_router_options():
+  c = jmoe.MoEConfig(top_k=1, score="sigmoid", capacity_factor=1.0)
+  assert c.router == jmoe.RouterConfig(top_k=1, score="sigmoid") and c.top_k == 1
+  assert dataclasses.replace(c, top_k=3).router == jmoe.RouterConfig(
+      top_k=3, score="sigmoid")
+  both = jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=4, normalize=True), top_k=2)
+  assert both.router == jmoe.RouterConfig(top_k=2, normalize=True)
+  assert hash(c) == hash(jmoe.MoEConfig(top_k=1, score="sigmoid",
+                                        capacity_factor=1.0))
+  with pytest.raises(TypeError, match=r"topk.*RouterConfig fields.*top_k"):
+    jmoe.MoEConfig(topk=2)
+
+
+# --------------------------------------------------------------- activations
+
+
+def test_tanh_gelu_activations_and_callables():
+  kx, ku, kg, kd = jax.random.split(jax.random.key(27), 4)
+  x = jax.random.normal(kx, (5, D))
+  p = jmoe.FFNParams(w_up=jax.random.normal(ku, (D, F)) / 4,
+                     w_down=jax.random.normal(kd, (F, D)) / 6,
+                     w_gate=jax.random.normal(kg, (D, F)) / 4)
+  # gemma's GeGLU: gelu(x W_gate, approximate=True) * (x W_up), then W_down.
+  gemma = (jax.nn.gelu(x @ p.w_gate, approximate=True) * (x @ p.w_up)) @ p.w_down
+  assert_rel(jmoe.ffn(x, p, "geglu_tanh"), gemma, what="geglu_tanh")
+  assert float(jnp.max(jnp.abs(jmoe.ffn(x, p, "geglu") - gemma))) > 1e-5
+  plain = dataclasses.replace(p, w_gate=None)
+  assert_rel(jmoe.ffn(x, plain, "gelu_tanh"),
+             jax.nn.gelu(x @ p.w_up, approximate=True) @ p.w_down, what="gelu_tanh")
+  assert_rel(jmoe.ffn(x, plain, jnp.tanh), jnp.tanh(x @ p.w_up) @ p.w_down,
+             what="callable")
+  glu = jmoe.Activation(jnp.tanh, glu=True)
+  assert_rel(jmoe.ffn(x, p, glu),
+             (jnp.tanh(x @ p.w_gate) * (x @ p.w_up)) @ p.w_down, what="glu")
+  # In the layer: the dispatch against the oracle, with its own parameters.
+  for act in ("geglu_tanh", glu, jnp.tanh):
+    xm, params = make(jax.random.key(28), activation=act)
+    assert (params.w_gate is not None) == jmoe._src.params.is_glu(act)
+    check_against_oracle(xm, params, jmoe.MoEConfig(activation=act), grads=False)
+
+
+# ------------------------------------------------------------------ upcycling
+
+
+@pytest.mark.parametrize("router", [
+    jmoe.RouterConfig(top_k=2, order="topk_softmax"),
+    jmoe.RouterConfig(top_k=3, normalize=True),
+    jmoe.RouterConfig(top_k=2, score="sigmoid", normalize=True)])
+def test_upcycled_layer_equals_the_dense_ffn(router):
+  from flax import nnx
+  import jmoe.nn as jnn
+  x = jax.random.normal(jax.random.key(29), (2, 6, D))
+  dense = jnn.FeedForward(D, F, activation="geglu_tanh", rngs=nnx.Rngs(0))
+  config = jmoe.MoEConfig(router=router, activation="geglu_tanh")
+  want = dense(x)
+  layer = jax.jit(lambda x, p: jmoe.moe_ffn(x, p, config)[0])
+  for source in (dense, dense.params(), dict(vars(dense.params()))):
+    params = jmoe.upcycle_ffn(source, E, key=jax.random.key(1))
+    assert_rel(layer(x, params), want, what="upcycled")
+  assert params.w_up.shape == (E, D, F) and params.router.shape == (D, E)
+  # Into a module.
+  moe = jnn.MoE(D, F, E, config=config, router_bias=True, rngs=nnx.Rngs(1))
+  moe.set_params(jmoe.upcycle_ffn(dense, E, key=jax.random.key(2),
+                                  router_bias=True))
+  assert_rel(moe(x)[0], want, what="upcycled module")
+  with pytest.raises(ValueError, match="router_bias.*missing"):
+    moe.set_params(jmoe.upcycle_ffn(dense, E, key=jax.random.key(2)))

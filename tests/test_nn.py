@@ -63,6 +63,22 @@ def test_moe_module_matches_moe_ffn(case):
     assert float(aux.dropped_fraction) >= 0.4  # >= 8 of 20 pairs dropped
 
 
+def test_moe_module_passes_mask_and_deterministic():
+  config = jmoe.MoEConfig(capacity_factor=0.5, eval_capacity_factor=None)
+  m = jnn.MoE(D, F, E, config=config, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, D))
+  mask = jnp.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], bool)
+  outs, refs = nnx.jit(lambda m, x: (
+      (m(x, mask=mask), m(x, deterministic=True)),
+      (jmoe.moe_ffn(x, m.params(), config, mask=mask),
+       jmoe.moe_ffn(x, m.params(), config, deterministic=True))))(m, x)
+  _tree_equal(outs, refs)
+  assert float(outs[1][1].dropped_fraction) == 0.0  # eval: dropless
+  assert np.all(np.asarray(outs[0][0])[~np.asarray(mask)] == 0)
+  routing = m.router(x, mask=mask)
+  assert np.all(np.asarray(routing.experts)[~np.asarray(mask).reshape(-1)] == -1)
+
+
 def test_moe_dtype_and_errors():
   m = jnn.MoE(D, F, E, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   assert m.w_up[...].dtype == jnp.float32  # stored in param_dtype

@@ -32,6 +32,11 @@ MESHES = {
 }
 DISPATCHERS = ("dropless", "all_to_all", "all_gather")
 CONFIG = jmoe.MoEConfig()
+# A token mask whose shards keep different numbers of tokens (shard s of the 8
+# holds rows 2s, 2s+1 of x [16, 4, D]).
+MASK = np.random.default_rng(0).random(X_SHAPE[:-1]) < 0.6
+MASK[:2] = False  # shard 0 keeps nothing
+MASK[2:4] = True  # shard 1 keeps everything
 
 
 @functools.cache
@@ -75,42 +80,52 @@ def _key(seed):
   return None if seed is None else jax.random.key(seed)
 
 
+def _mask(masked):
+  return MASK if masked else None
+
+
 @functools.cache
-def reference(config=CONFIG, seed=None):
+def reference(config=CONFIG, seed=None, masked=False):
   """Single-device moe_ffn on the whole batch: (y, aux), grads."""
-  return _value_and_grads(lambda x, p: jmoe.moe_ffn(x, p, config, key=_key(seed)))
+  return _value_and_grads(lambda x, p: jmoe.moe_ffn(
+      x, p, config, key=_key(seed), mask=_mask(masked)))
 
 
-def _per_shard(x, params, config, cf):
+def _per_shard(x, params, config, cf, mask=None):
   """The documented all_to_all rule on one device: capacity mode on each shard."""
   cap = dataclasses.replace(config, capacity_factor=cf)
-  xs = jnp.split(x.reshape(-1, x.shape[-1]), SHARDS)  # token order
-  outs = [jmoe.moe_ffn(xi, params, cap) for xi in xs]
-  _, full = jmoe.moe_ffn(x, params, config)  # routing-only metrics: whole batch
-  dropped = jnp.mean(jnp.stack([a.dropped_fraction for _, a in outs]))
-  aux = dataclasses.replace(full, dropped_fraction=dropped)
+  split = lambda a: jnp.split(a.reshape(-1, *a.shape[2:]), SHARDS)  # token order
+  ms = [None] * SHARDS if mask is None else split(jnp.asarray(mask))
+  outs = [jmoe.moe_ffn(xi, params, cap, mask=mi) for xi, mi in zip(split(x), ms)]
+  # routing-only metrics: whole batch
+  _, full = jmoe.moe_ffn(x, params, config, mask=mask)
+  slots = [K * (xi.shape[0] if mi is None else jnp.sum(mi))
+           for xi, mi in zip(split(x), ms)]
+  dropped = sum(a.dropped_fraction * n for (_, a), n in zip(outs, slots))
+  aux = dataclasses.replace(full, dropped_fraction=dropped / jnp.maximum(sum(slots), 1))
   return jnp.concatenate([y for y, _ in outs]).reshape(x.shape), aux
 
 
 @functools.cache
-def shard_reference(config=CONFIG, cf=CF):
-  return _value_and_grads(lambda x, p: _per_shard(x, p, config, cf))
+def shard_reference(config=CONFIG, cf=CF, masked=False):
+  return _value_and_grads(lambda x, p: _per_shard(x, p, config, cf, _mask(masked)))
 
 
 @functools.cache
-def expert_parallel(ep, config=CONFIG, seed=None):
-  return _value_and_grads(
-      lambda x, p: ep.moe_ffn_with_stats(x, p, config, key=_key(seed)))
+def expert_parallel(ep, config=CONFIG, seed=None, masked=False):
+  return _value_and_grads(lambda x, p: ep.moe_ffn_with_stats(
+      x, p, config, key=_key(seed), mask=_mask(masked)))
 
 
-def run(ep, x, params, ct, config=CONFIG, seed=None):
+def run(ep, x, params, ct, config=CONFIG, seed=None, masked=False):
   """The expert-parallel layer and its reference; returns the stats."""
   xs, ps = parallel.shard_inputs(x, ep), parallel.shard_params(params, ep)
-  (y, aux, stats), grads = expert_parallel(ep, config, seed)(xs, ps, ct)
+  (y, aux, stats), grads = expert_parallel(ep, config, seed, masked)(xs, ps, ct)
   if ep.dispatcher == "all_to_all":
-    (ry, raux), rgrads = shard_reference(config, ep.capacity_factor)(x, params, ct)
+    (ry, raux), rgrads = shard_reference(config, ep.capacity_factor, masked)(
+        x, params, ct)
   else:
-    (ry, raux), rgrads = reference(config, seed)(x, params, ct)
+    (ry, raux), rgrads = reference(config, seed, masked)(x, params, ct)
   what = f"{ep.dispatcher} on {dict(ep.mesh.shape)}"
   assert y.shape == x.shape and y.dtype == x.dtype
   assert_rel(y, ry, x.dtype, f"{what}: y")
@@ -193,6 +208,38 @@ def test_exact_dispatchers_follow_global_capacity(dispatcher):
   x, params, ct = inputs()
   config = jmoe.MoEConfig(capacity_factor=0.75)
   aux, _ = run(make_ep("2x4", dispatcher), x, params, ct, config)
+  assert float(aux.dropped_fraction) > 0
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_token_mask(dispatcher):
+  """A mask whose shards keep 0, all or some of their tokens: as one device
+  (itself tested against the oracle without the masked tokens), gradients too;
+  masked tokens give zeros. The exact dispatchers run with a global capacity."""
+  x, params, ct = inputs()
+  config = CONFIG if dispatcher == "all_to_all" else jmoe.MoEConfig(
+      capacity_factor=0.75)
+  aux, _ = run(make_ep("2x4", dispatcher), x, params, ct, config, masked=True)
+  assert int(jnp.sum(aux.tokens_per_expert)) == K * int(MASK.sum())
+  assert float(aux.dropped_fraction) > 0
+  ep = make_ep("2x4", dispatcher)
+  y, _ = jax.jit(lambda a, b: ep.moe_ffn(a, b, config, mask=MASK))(
+      parallel.shard_inputs(x, ep), parallel.shard_params(params, ep))
+  assert np.all(np.asarray(y)[~MASK] == 0)
+
+
+def test_deterministic_uses_the_eval_capacity_and_no_noise():
+  x, params, ct = inputs()
+  config = jmoe.MoEConfig(capacity_factor=0.5, eval_capacity_factor=0.75,
+                          noise_std=1.0)
+  ep = make_ep("2x4", "dropless")
+  y, aux = jax.jit(lambda a, b: ep.moe_ffn(a, b, config, key=jax.random.key(3),
+                                           deterministic=True))(
+      parallel.shard_inputs(x, ep), parallel.shard_params(params, ep))
+  ry, raux = jax.jit(jmoe.moe_ffn, static_argnums=2)(
+      x, params, jmoe.MoEConfig(capacity_factor=0.75))
+  assert_rel(y, ry, jnp.float32, "eval y")
+  assert_tree_rel(aux, raux, jnp.float32, "eval aux ")
   assert float(aux.dropped_fraction) > 0
 
 

@@ -39,3 +39,25 @@ def test_layer_jits_with_sharded_tokens(axis_type):
                                 np.asarray(aux_ref.tokens_per_expert))
   assert_rel(aux.balance_loss, aux_ref.balance_loss, jnp.float32, "sharded balance")
   assert_tree_rel(jax.tree.map(np.asarray, g), g_ref, jnp.float32, "sharded grads ")
+
+
+def test_token_sharding_lets_an_embedding_run_on_explicit_axes():
+  """nnx.Embed on batch-sharded tokens of an Explicit mesh needs `out_sharding`;
+  `jmoe.nn.token_sharding` gives it (and None where the compiler decides)."""
+  from flax import nnx
+  import jmoe.nn as jnn
+  tokens = jnp.arange(8 * 3, dtype=jnp.int32).reshape(8, 3) % 5
+  assert jnn.token_sharding(tokens) is None  # no mesh
+  auto = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  assert jnn.token_sharding(jax.device_put(tokens, NamedSharding(auto, P("data")))) is None
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  ts = jax.device_put(tokens, NamedSharding(mesh, P("data")))
+  embed = nnx.Embed(5, 4, rngs=nnx.Rngs(0))
+  with jax.set_mesh(mesh):
+    out_sharding = jnn.token_sharding(ts)
+    assert out_sharding.spec == P("data", None, None)
+    with pytest.raises(Exception, match="out_sharding"):
+      jax.jit(lambda t: embed(t))(ts)
+    y = jax.jit(lambda t: embed(t, out_sharding=jnn.token_sharding(t)))(ts)
+  assert y.sharding.spec == P("data", None, None)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(embed(tokens)))

@@ -11,7 +11,8 @@ Shapes: T tokens, D d_model, F expert hidden width, E experts, k experts per tok
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import functools
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,74 +22,138 @@ from jmoe._src import permute as permute_lib
 from jmoe._src import routing as routing_lib
 from jmoe._src.gmm.api import gmm
 # The parameters' one home; imported here because the layer takes them.
-from jmoe._src.params import ACTIVATIONS, FFNParams, MoEParams  # noqa: F401
-from jmoe._src.params import check_params, init_params, is_glu  # noqa: F401
+from jmoe._src.params import ACTIVATIONS, Activation, FFNParams, MoEParams  # noqa: F401
+from jmoe._src.params import activation_of, check_params, init_params, is_glu  # noqa: F401
 
 Array = jax.Array
 
-
-def _gelu(x):
-  return jax.nn.gelu(x, approximate=False)
-
-
-_ACT = {"swiglu": jax.nn.silu, "geglu": _gelu, "gelu": _gelu, "relu": jax.nn.relu}
+_ROUTER_FIELDS = tuple(f.name for f in dataclasses.fields(routing_lib.RouterConfig))
+TRAIN = "train"  # `eval_capacity_factor`'s default: the training factor
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoEConfig:
   """Static configuration of an MoE layer. Plain data: frozen and hashable.
 
+  Router options may be given directly: `MoEConfig(top_k=1, score="sigmoid")` is
+  `MoEConfig(router=RouterConfig(top_k=1, score="sigmoid"))`; next to `router=`
+  they replace its fields (so `dataclasses.replace(config, top_k=4)` works too).
+
   Attributes:
     router: the `RouterConfig` (top_k, scores, grouping, noise, ...).
-    activation: expert FFN kind: "swiglu", "geglu" (GLU: needs `w_gate`), "gelu" or
-      "relu" (the seed's ReLU(x W1) W2).
-    capacity_factor: None for dropless token choice (no token is ever dropped).
-      A float turns on capacity mode: each expert keeps at most
-      ceil(capacity_factor * T * k / E) (token, slot) pairs in token order and the
-      rest are dropped (zero expert output). Expert choice uses it to size each
-      expert's pick (default 1.0).
+    activation: the expert FFN's activation: a name in `jmoe.ACTIVATIONS`
+      ("swiglu", "geglu", "geglu_tanh" (gated: need `w_gate`), "gelu",
+      "gelu_tanh", "relu" (the seed's ReLU(x W1) W2)), a `jmoe.Activation`, or
+      any elementwise callable (not gated). "_tanh" is the tanh-approximate GELU
+      (gemma's GeGLU, Hugging Face's "gelu_pytorch_tanh").
+    capacity_factor: the capacity factor in training (`deterministic=False`, the
+      default). None for dropless token choice (no token is ever dropped). A
+      float turns on capacity mode: each expert keeps at most
+      max(ceil(capacity_factor * T * k / E), min_capacity) (token, slot) pairs in
+      token order and the rest are dropped (zero expert output). Expert choice
+      uses it to size each expert's pick (default 1.0). Finite and > 0.
+    eval_capacity_factor: the factor in evaluation (`deterministic=True`): "train"
+      (default) uses `capacity_factor`, None is dropless, a float its own.
+    min_capacity: the least capacity of an expert in capacity mode (an int >= 1;
+      DeepSpeed's `min_capacity`, flaxformer's `min_expert_capacity`). Capacity
+      never exceeds the tokens T.
+    balance_convention: the scale of `MoEAux.balance_loss`: "switch" (default:
+      E * sum_e f_e P_e with f over the T*k pairs, 1.0 when uniform) or "hf"
+      (Hugging Face's `load_balancing_loss_func`, k times larger: k when
+      uniform). Coefficients ported from a Hugging Face config (Mixtral's
+      `router_aux_loss_coef`, Qwen-MoE, OLMoE) need "hf".
     gmm_implementation: backend of the grouped matmuls (see `jmoe.gmm`).
   """
 
   router: routing_lib.RouterConfig = routing_lib.RouterConfig()
-  activation: Literal["swiglu", "geglu", "gelu", "relu"] = "swiglu"
+  activation: Any = "swiglu"
   capacity_factor: float | None = None
+  eval_capacity_factor: float | None | Literal["train"] = TRAIN
+  min_capacity: int = 1
+  balance_convention: Literal["switch", "hf"] = "switch"
   gmm_implementation: str | None = None
 
   def __post_init__(self):
-    checks.check_choice("MoEConfig", "activation", self.activation, ACTIVATIONS)
+    fn = "MoEConfig"
+    activation_of(self.activation, fn)
     if not isinstance(self.router, routing_lib.RouterConfig):
       raise TypeError(
-          f"MoEConfig: `router` must be a RouterConfig; got {type(self.router)}.")
-    if self.capacity_factor is not None and not self.capacity_factor > 0:
-      raise ValueError(
-          "MoEConfig: `capacity_factor` must be > 0 (or None for dropless); got"
-          f" {self.capacity_factor}.")
+          f"{fn}: `router` must be a RouterConfig; got {type(self.router)}.")
+    routing_lib.check_capacity_factor(fn, "capacity_factor", self.capacity_factor)
+    if self.eval_capacity_factor != TRAIN:
+      routing_lib.check_capacity_factor(fn, "eval_capacity_factor",
+                                        self.eval_capacity_factor)
+    routing_lib.check_min_capacity(fn, self.min_capacity)
+    checks.check_choice(fn, "balance_convention", self.balance_convention,
+                        routing_lib.BALANCE_CONVENTIONS)
 
   @property
   def top_k(self) -> int:
     return self.router.top_k
 
-  def capacity(self, num_tokens: int, num_experts: int) -> int | None:
+  def capacity_factor_for(self, deterministic: bool = False) -> float | None:
+    """The capacity factor of training (False) or evaluation (True)."""
+    if deterministic and self.eval_capacity_factor != TRAIN:
+      return self.eval_capacity_factor
+    return self.capacity_factor
+
+  def capacity(self, num_tokens: int, num_experts: int, *,
+               deterministic: bool = False) -> int | None:
     """The static per-expert capacity for a batch of `num_tokens` tokens
-    (`RouterConfig.capacity` with this config's `capacity_factor`)."""
-    return self.router.capacity(num_tokens, num_experts, self.capacity_factor)
+    (`RouterConfig.capacity` with this config's factor and `min_capacity`)."""
+    return self.router.capacity(num_tokens, num_experts,
+                                self.capacity_factor_for(deterministic),
+                                min_capacity=self.min_capacity)
+
+
+_dataclass_init = MoEConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self, **kwargs):
+  router_kw = {k: kwargs.pop(k) for k in _ROUTER_FIELDS if k in kwargs}
+  if router_kw:
+    router = kwargs.get("router", routing_lib.RouterConfig())
+    if not isinstance(router, routing_lib.RouterConfig):
+      raise TypeError(
+          f"MoEConfig: `router` must be a RouterConfig; got {type(router)}.")
+    kwargs["router"] = dataclasses.replace(router, **router_kw)
+  try:
+    _dataclass_init(self, **kwargs)
+  except TypeError as err:
+    if "unexpected keyword" not in str(err):
+      raise
+    fields = [f.name for f in dataclasses.fields(MoEConfig)]
+    raise TypeError(
+        f"MoEConfig: {err}; its fields are {fields} and the RouterConfig fields"
+        f" {list(_ROUTER_FIELDS)} may be given directly.") from None
+
+
+MoEConfig.__init__ = _init
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MoEAux:
-  """Losses and metrics of one MoE call (all float32 / int32 arrays).
+  """Losses and metrics of one MoE call (all float32 / int32 arrays). Masked-out
+  tokens (`moe_ffn(..., mask=)`) count in none of them; an empty batch (or one
+  with every token masked) gives zeros.
 
   Attributes:
-    balance_loss: [] Switch/GShard load-balancing loss (1.0 when uniform).
+    balance_loss: [] Switch/GShard load-balancing loss (1.0 when uniform; k with
+      `MoEConfig.balance_convention="hf"`).
     z_loss: [] router z-loss.
     tokens_per_expert: int32 [E] (token, slot) pairs routed to each expert, before
       capacity: the load to feed `update_expert_bias`.
-    dropped_fraction: [] share of the T*k pairs dropped for capacity.
+    dropped_fraction: [] share of the routed pairs dropped for capacity.
     router_entropy: [] mean entropy (nats) of the router distribution.
-    nonfinite_tokens: int32 [] tokens whose router logits held NaN or +inf (their
-      outputs are NaN; see `route`).
+    nonfinite_tokens: int32 [] tokens whose router logits held NaN or +inf, or
+      were all -inf (their outputs are NaN; see `route`).
+    mean_router_probs: float32 [E] the mean router probability of each expert,
+      P_e of the balance loss. A balance loss over a global batch (several
+      micro-batches or data shards) is E * sum_e f_e * P_e with f the summed
+      `tokens_per_expert` over the summed pairs and P the (token-weighted) mean
+      of these.
   """
 
   balance_loss: Array
@@ -97,6 +162,7 @@ class MoEAux:
   dropped_fraction: Array
   router_entropy: Array
   nonfinite_tokens: Array
+  mean_router_probs: Array
 
   @classmethod
   def filled(cls, value) -> MoEAux:
@@ -104,8 +170,38 @@ class MoEAux:
     return cls(**{f.name: value for f in dataclasses.fields(cls)})
 
 
-def ffn(x: Array, params: FFNParams, activation: str) -> Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AuxSums:
+  """The additive parts of `MoEAux`: sums over the (unmasked) tokens of a batch,
+  so those of several shards add up (jmoe.parallel `psum`s them).
+
+  Attributes:
+    tokens: int32 [] unmasked tokens.
+    slots: int32 [] routed (token, slot) pairs (expert choice: filled picks).
+    expert_load: int32 [E] pairs per expert, before capacity.
+    dropped: int32 [] pairs dropped for capacity.
+    probs: float32 [E] summed router probabilities.
+    z: float32 [] summed logsumexp(logits)^2.
+    entropy: float32 [] summed router entropies.
+    nonfinite: int32 [] non-finite tokens.
+  """
+
+  tokens: Array
+  slots: Array
+  expert_load: Array
+  dropped: Array
+  probs: Array
+  z: Array
+  entropy: Array
+  nonfinite: Array
+
+
+def ffn(x: Array, params: FFNParams, activation) -> Array:
   """A dense FFN on [..., D], output in x.dtype.
+
+  `activation`: a name in `jmoe.ACTIVATIONS`, a `jmoe.Activation` or an
+  elementwise callable (see `MoEConfig.activation`).
 
   Matmuls take and give x.dtype (bf16 GEMMs accumulate in float32 inside); the
   activation and gating run in float32. Keeping matmul outputs in the compute
@@ -113,34 +209,34 @@ def ffn(x: Array, params: FFNParams, activation: str) -> Array:
   backward product a float32 one).
   """
   dt = x.dtype
-  act = _ACT[activation]
+  act = activation_of(activation, "ffn")
   up = jnp.dot(x, params.w_up.astype(dt)).astype(jnp.float32)
-  if is_glu(activation):
+  if act.glu:
     gate = jnp.dot(x, params.w_gate.astype(dt)).astype(jnp.float32)
-    h = act(gate) * up
+    h = act.fn(gate) * up
   else:
-    h = act(up)
+    h = act.fn(up)
   return jnp.dot(h.astype(dt), params.w_down.astype(dt))
 
 
 def expert_ffn(rows: Array, w_up: Array, w_down: Array, w_gate: Array | None,
-               group_sizes: Array, activation: str, *,
+               group_sizes: Array, activation, *,
                implementation: str | None = None,
                group_offset: Array | None = None) -> Array:
   """Every expert's FFN on its rows: [R, D] -> [R, D] through grouped matmuls.
 
-  Same precision policy as `ffn`: grouped matmuls in rows.dtype with float32
-  accumulation, activation in float32.
+  Same precision and activation policy as `ffn`: grouped matmuls in rows.dtype
+  with float32 accumulation, activation in float32.
   """
   dt = rows.dtype
-  act = _ACT[activation]
+  act = activation_of(activation, "expert_ffn")
   mm = lambda a, w: gmm(a, w.astype(dt), group_sizes, group_offset=group_offset,
                         implementation=implementation)
   up = mm(rows, w_up).astype(jnp.float32)
-  if is_glu(activation):
-    h = act(mm(rows, w_gate).astype(jnp.float32)) * up
+  if act.glu:
+    h = act.fn(mm(rows, w_gate).astype(jnp.float32)) * up
   else:
-    h = act(up)
+    h = act.fn(up)
   return mm(h.astype(dt), w_down)
 
 
@@ -151,30 +247,68 @@ def router_logits(x: Array, router: Array) -> Array:
 
 
 def route_tokens(x: Array, params: MoEParams, config: MoEConfig,
-                 key: Array | None = None):
-  """Router logits and routing decisions for flat tokens x [T, D]; returns
-  (routing, capacity), the capacity for `permute`."""
+                 key: Array | None = None, mask: Array | None = None, *,
+                 deterministic: bool = False, noise=None):
+  """Router logits and routing decisions for flat tokens x [T, D] (mask [T]);
+  returns (routing, capacity), the capacity for `permute`. `noise`: the rows of
+  `routing.noise_draws` to use instead of drawing them from `key`."""
   logits = router_logits(x, params.router)
-  capacity = config.capacity(x.shape[0], params.num_experts)
+  if noise is not None:
+    logits, key = routing_lib.add_noise(logits, config.router, noise), None
+  capacity = config.capacity(x.shape[0], params.num_experts,
+                             deterministic=deterministic)
   routing = routing_lib.route(logits, config.router, bias=params.router_bias,
-                              key=key, capacity=capacity)
+                              key=key, capacity=capacity, mask=mask)
   return routing, capacity
 
 
-def make_aux(routing, plan: permute_lib.DispatchPlan) -> MoEAux:
-  """Losses and metrics from a routing (of either kind) and its dispatch plan."""
-  nonfinite = routing_lib.nonfinite_tokens(routing.logits)
+def aux_sums(routing, plan: permute_lib.DispatchPlan) -> AuxSums:
+  """The `AuxSums` of a routing (of either kind) and its dispatch plan: sums
+  over the tokens its mask keeps (all without one)."""
+  mask = routing.mask
+  keep = lambda v: v if mask is None else jnp.where(
+      mask.reshape(mask.shape + (1,) * (v.ndim - 1)), v, 0)
+  total = lambda v: jnp.sum(keep(v), axis=0)
+  return AuxSums(
+      tokens=jnp.asarray(routing_lib.num_unmasked(mask, routing.num_tokens),
+                         jnp.int32),
+      slots=jnp.asarray(routing.num_routed_slots, jnp.int32),
+      expert_load=plan.expert_load,
+      dropped=plan.num_dropped,
+      probs=total(routing.probs.astype(jnp.float32)),
+      z=total(routing_lib.token_z(routing.logits)),
+      entropy=total(routing_lib.token_entropy(routing.probs)),
+      nonfinite=jnp.sum(routing_lib.nonfinite_tokens(routing.logits, mask),
+                        dtype=jnp.int32))
+
+
+def aux_from_sums(routing, sums: AuxSums,
+                  convention: str = "switch") -> MoEAux:
+  """`MoEAux` from `AuxSums` (of one batch, or summed over shards); `routing`
+  gives the balance-loss rule of its kind. Means over no token are 0."""
+  per_token = lambda v: v / jnp.maximum(sums.tokens, 1).astype(jnp.float32)
+  mean_probs = per_token(sums.probs)
   return MoEAux(
-      balance_loss=routing.balance_loss(plan.expert_load),
-      z_loss=routing_lib.router_z_loss(routing.logits),
-      tokens_per_expert=plan.expert_load,
-      dropped_fraction=(plan.num_dropped.astype(jnp.float32)
-                        / max(routing.num_slots, 1)),
-      router_entropy=routing_lib.router_entropy(routing.probs),
-      nonfinite_tokens=jnp.sum(nonfinite, dtype=jnp.int32))
+      balance_loss=routing.balance_loss(sums.expert_load, num_slots=sums.slots,
+                                        mean_probs=mean_probs,
+                                        convention=convention),
+      z_loss=per_token(sums.z),
+      tokens_per_expert=sums.expert_load,
+      dropped_fraction=(sums.dropped.astype(jnp.float32)
+                        / jnp.maximum(sums.slots, 1).astype(jnp.float32)),
+      router_entropy=per_token(sums.entropy),
+      nonfinite_tokens=sums.nonfinite,
+      mean_router_probs=mean_probs)
 
 
-def shared_output(x: Array, params: MoEParams, activation: str) -> Array:
+def make_aux(routing, plan: permute_lib.DispatchPlan,
+             convention: str = "switch") -> MoEAux:
+  """Losses and metrics from a routing (of either kind) and its dispatch plan;
+  masked-out tokens count in none of them."""
+  return aux_from_sums(routing, aux_sums(routing, plan), convention)
+
+
+def shared_output(x: Array, params: MoEParams, activation) -> Array:
   """The shared expert(s) on x [T, D], gated if `params.shared_gate` is set."""
   out = ffn(x, params.shared, activation)
   if params.shared_gate is not None:
@@ -184,15 +318,26 @@ def shared_output(x: Array, params: MoEParams, activation: str) -> Array:
 
 
 def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
-            key: Array | None = None) -> tuple[Array, MoEAux]:
+            key: Array | None = None, mask: Array | None = None,
+            deterministic: bool = False) -> tuple[Array, MoEAux]:
   """The MoE layer: a drop-in replacement for a dense FFN.
 
   Args:
     x: [..., D] activations (float32 or bfloat16); leading dims are flattened
-      into tokens.
+      into tokens. Zero tokens (x of shape [0, D]) give y of that shape and an
+      aux of zeros.
     params: `MoEParams`.
     config: `MoEConfig` (default: top-2 softmax routing, SwiGLU, dropless).
     key: PRNG key for router jitter/noise (training); None disables noise.
+    mask: optional bool [...] (x.shape[:-1]; integers: nonzero), True for the
+      tokens to run. A False token (padding) is not read (NaN padding is
+      harmless), not dispatched, takes no capacity, gives a zero output (shared
+      expert included) and a zero gradient, and counts in no loss or metric. The
+      static capacity is still computed from all of x's tokens (it sizes
+      buffers), so masked tokens leave their room unused.
+    deterministic: evaluation: `config.eval_capacity_factor` instead of
+      `capacity_factor`, and no router noise (`key` is ignored), as Flax's
+      `Dropout(deterministic=True)`.
 
   Returns:
     y: [..., D] in x.dtype.
@@ -201,6 +346,11 @@ def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
   fn = "moe_ffn"
   config = MoEConfig() if config is None else config
   check_params(fn, x, params, config.activation)  # `route` validates the router
+  mask = routing_lib.check_mask(fn, mask, x.shape[:-1], "x.shape[:-1]")
+  if deterministic:
+    key = None
+  body = lambda x, params, mask: _moe_ffn(x, params, config, key, mask,
+                                          deterministic)
   explicit = _explicit_axes(x)
   if explicit:
     # Sharding-in-types (jax.make_mesh's default Explicit axes): the dispatch is a
@@ -209,10 +359,9 @@ def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
     # collectives is jmoe.parallel.
     out_sharding = (jax.typeof(x).sharding.spec,
                     MoEAux.filled(jax.sharding.PartitionSpec()))
-    body = lambda x, params: _moe_ffn(x, params, config, key)
     return jax.sharding.auto_axes(body, axes=explicit,
-                                  out_sharding=out_sharding)(x, params)
-  return _moe_ffn(x, params, config, key)
+                                  out_sharding=out_sharding)(x, params, mask)
+  return body(x, params, mask)
 
 
 def _explicit_axes(x: Array) -> tuple[str, ...]:
@@ -227,11 +376,14 @@ def _explicit_axes(x: Array) -> tuple[str, ...]:
                if t == jax.sharding.AxisType.Explicit)
 
 
-def _moe_ffn(x: Array, params: MoEParams, config: MoEConfig,
-             key: Array | None) -> tuple[Array, MoEAux]:
+def _moe_ffn(x: Array, params: MoEParams, config: MoEConfig, key: Array | None,
+             mask: Array | None, deterministic: bool) -> tuple[Array, MoEAux]:
   shape = x.shape
   xt = x.reshape(-1, shape[-1])
-  routing, capacity = route_tokens(xt, params, config, key)
+  mt = None if mask is None else mask.reshape(-1)
+  xt = apply_mask(xt, mt)  # masked tokens are never read
+  routing, capacity = route_tokens(xt, params, config, key, mt,
+                                   deterministic=deterministic)
   rows, plan = permute_lib.permute(xt, routing, capacity=capacity)
   out_rows = expert_ffn(rows, params.w_up, params.w_down, params.w_gate,
                         plan.group_sizes, config.activation,
@@ -239,4 +391,10 @@ def _moe_ffn(x: Array, params: MoEParams, config: MoEConfig,
   y = permute_lib.unpermute(out_rows, plan, routing.weights)
   if params.shared is not None:
     y = y + shared_output(xt, params, config.activation)
-  return y.reshape(shape), make_aux(routing, plan)
+  aux = make_aux(routing, plan, config.balance_convention)
+  return apply_mask(y, mt).reshape(shape), aux
+
+
+def apply_mask(y: Array, mask: Array | None) -> Array:
+  """y [T, D] with the rows of masked-out tokens set to zero (mask [T] or None)."""
+  return y if mask is None else jnp.where(mask[:, None], y, jnp.zeros((), y.dtype))

@@ -40,12 +40,64 @@ from jmoe._src import checks
 
 Array = jax.Array
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
-GLU = ("swiglu", "geglu")
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+  """An expert activation: an elementwise function and whether it gates.
+
+  The FFN's hidden state is fn(x @ w_gate) * (x @ w_up) when `glu` (then the
+  `w_gate` rows of the tables exist), else fn(x @ w_up). `fn` runs in float32 on
+  arrays of any shape and must be elementwise. Frozen and hashable (the function
+  hashes by identity), so it can sit in a `MoEConfig`:
+
+    MoEConfig(activation=Activation(jax.nn.gelu, glu=True))   # = "geglu_tanh"
+    MoEConfig(activation=jax.nn.silu)    # a bare callable: not gated (glu=False)
+  """
+
+  fn: Callable[[Array], Array]
+  glu: bool = False
 
 
-def is_glu(activation: str) -> bool:
-  return activation in GLU
+def _gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+# The named activations. "gelu" / "geglu" are the exact (erf) GELU; the "_tanh"
+# ones its tanh approximation (Hugging Face's "gelu_pytorch_tanh", gemma's GeGLU).
+NAMED_ACTIVATIONS: dict[str, Activation] = {
+    "swiglu": Activation(jax.nn.silu, glu=True),
+    "geglu": Activation(_gelu, glu=True),
+    "geglu_tanh": Activation(_gelu_tanh, glu=True),
+    "gelu": Activation(_gelu),
+    "gelu_tanh": Activation(_gelu_tanh),
+    "relu": Activation(jax.nn.relu),
+}
+ACTIVATIONS = tuple(NAMED_ACTIVATIONS)
+GLU = tuple(n for n, a in NAMED_ACTIVATIONS.items() if a.glu)
+
+
+def activation_of(activation, fn: str = "activation") -> Activation:
+  """The `Activation` of a name in `ACTIVATIONS`, an `Activation`, or a bare
+  elementwise callable (not gated). Raises ValueError / TypeError naming `fn`."""
+  if isinstance(activation, Activation):
+    return activation
+  if isinstance(activation, str):
+    checks.check_choice(fn, "activation", activation, ACTIVATIONS)
+    return NAMED_ACTIVATIONS[activation]
+  if callable(activation):
+    return Activation(activation)
+  raise TypeError(
+      f"{fn}: `activation` must be one of {ACTIVATIONS}, a jmoe.Activation or an"
+      f" elementwise callable; got {activation!r}.")
+
+
+def is_glu(activation) -> bool:
+  """Whether `activation` (see `activation_of`) is gated: w_gate exists."""
+  return activation_of(activation).glu
 
 
 @jax.tree_util.register_dataclass
@@ -274,19 +326,20 @@ def map_params(fn: Callable[[ParamSpec, Array], Any], params: MoEParams) -> MoEP
 
 
 def init_params(key: Array, d_model: int, d_ff: int, num_experts: int, *,
-                activation: str = "swiglu", dtype=jnp.float32,
+                activation="swiglu", dtype=jnp.float32,
                 **options) -> MoEParams:
   """Random `MoEParams` (fan-in scaled normal), handy for tests and examples.
 
   Args:
     key: PRNG key.
     d_model, d_ff, num_experts: D, F, E.
-    activation: the expert activation (GLU ones get `w_gate`).
+    activation: the expert activation, a name in `ACTIVATIONS`, an `Activation`
+      or a callable (GLU ones get `w_gate`).
     dtype: of the weights (the router bias is float32).
     **options: the optional parts, fields of `MoELayout` (`shared_d_ff`,
       `shared_gate`, `router_bias`).
   """
-  checks.check_choice("init_params", "activation", activation, ACTIVATIONS)
+  activation_of(activation, "init_params")
   layout = MoELayout(d_model=d_model, d_ff=d_ff, num_experts=num_experts,
                      glu=is_glu(activation), **options)
   keys = jax.random.split(key, 1 + max(s.seed for s in MOE_PARAMS
@@ -302,7 +355,7 @@ def init_params(key: Array, d_model: int, d_ff: int, num_experts: int, *,
   return params_from_flat(values)
 
 
-def check_params(fn: str, x: Array, params: MoEParams, activation: str) -> None:
+def check_params(fn: str, x: Array, params: MoEParams, activation) -> None:
   """Static shape/dtype checks of `x` and `params` against the table."""
   checks.check_min_rank(fn, "x", x, 2, "[..., d_model]")
   checks.check_floating(fn, "x", x)
@@ -330,3 +383,73 @@ def check_params(fn: str, x: Array, params: MoEParams, activation: str) -> None:
       raise ValueError(
           f"{fn}: `params.{s.path}` must have shape {s.layout}={want} ({where});"
           f" got {tuple(value.shape)}.")
+
+
+def upcycle_ffn(ffn, num_experts: int, *, key: Array | None = None,
+                router: Array | None = None,
+                router_bias: bool = False) -> MoEParams:
+  """Sparse upcycling (Komatsuzaki et al. 2023): `MoEParams` whose every expert
+  is a copy of a dense FFN, so the MoE layer starts as the dense layer.
+
+  Args:
+    ffn: the dense FFN: `FFNParams`, anything whose `params()` returns them (a
+      `jmoe.nn.FeedForward`), or a mapping of arrays {"w_up": [D, F], "w_down":
+      [F, D], and for a gated FFN "w_gate": [D, F]}.
+    num_experts: E, a positive int.
+    key: PRNG key of the router, drawn like `init_params`' (fan-in normal);
+      required unless `router` is given.
+    router: optional router weight [D, E] to use instead.
+    router_bias: add a zero selection bias [E] (float32).
+
+  Returns:
+    `MoEParams` in the FFN's dtype: w_up, w_gate [E, D, F] and w_down [E, F, D]
+    the FFN's weights repeated E times; no shared expert.
+
+  Exactness: every expert computes FFN(x), so `moe_ffn` gives FFN(x) times the
+  sum of the token's combine weights. That sum is 1, and the layer equals the
+  dense FFN (up to float rounding of the weighted sum) whatever the router, for
+  token-choice routing whose weights are normalised and unscaled: `RouterConfig(
+  order="topk_softmax")` (Mixtral) or `normalize=True`, with
+  `routed_scaling_factor=1.0` and no pair dropped for capacity. Unnormalised
+  softmax weights sum to less than 1 (top-k of E probabilities).
+  """
+  fn = "upcycle_ffn"
+  if isinstance(ffn, Mapping):
+    unknown = sorted(set(ffn) - {"w_up", "w_down", "w_gate"})
+    if unknown:
+      raise ValueError(
+          f"{fn}: unknown weight(s) {unknown}; expected w_up, w_down, w_gate.")
+    ffn = FFNParams(**ffn)
+  elif not isinstance(ffn, FFNParams) and callable(getattr(ffn, "params", None)):
+    ffn = ffn.params()
+  if not isinstance(ffn, FFNParams):
+    raise TypeError(
+        f"{fn}: `ffn` must be FFNParams, a jmoe.nn.FeedForward or a mapping of"
+        f" w_up / w_down / w_gate arrays; got {type(ffn)}.")
+  if not isinstance(num_experts, int) or num_experts <= 0:
+    raise ValueError(
+        f"{fn}: `num_experts` must be a positive int; got {num_experts!r}.")
+  checks.check_rank(fn, "w_up", ffn.w_up, 2, "[d_model, d_ff]")
+  d, f = ffn.w_up.shape
+  for name, want in (("w_down", (f, d)), ("w_gate", (d, f))):
+    value = getattr(ffn, name)
+    if value is not None and tuple(jnp.shape(value)) != want:
+      raise ValueError(
+          f"{fn}: `{name}` must have shape {want} (from w_up [d_model, d_ff]="
+          f"{(d, f)}); got {tuple(jnp.shape(value))}.")
+  dtype = jnp.result_type(ffn.w_up)
+  if router is None:
+    if key is None:
+      raise ValueError(f"{fn}: pass `key` (to draw the router) or `router`.")
+    router = (jax.random.normal(key, (d, num_experts), jnp.float32)
+              / jnp.sqrt(d)).astype(dtype)
+  elif tuple(jnp.shape(router)) != (d, num_experts):
+    raise ValueError(
+        f"{fn}: `router` must have shape [d_model, experts]={(d, num_experts)};"
+        f" got {tuple(jnp.shape(router))}.")
+  tile = lambda w: None if w is None else jnp.broadcast_to(
+      jnp.asarray(w), (num_experts,) + tuple(jnp.shape(w)))
+  return MoEParams(
+      router=jnp.asarray(router), w_up=tile(ffn.w_up), w_down=tile(ffn.w_down),
+      w_gate=tile(ffn.w_gate),
+      router_bias=jnp.zeros((num_experts,), jnp.float32) if router_bias else None)

@@ -88,7 +88,8 @@ def dispatch_plan(experts: Array, num_experts: int, *,
 
   Returns:
     The `DispatchPlan`. Rows are compact: expert e's rows are
-    indptr[e]:indptr[e+1] in token order; rows past indptr[E] are unused.
+    indptr[e]:indptr[e+1] in token order; rows past indptr[E] are unused. No
+    tokens (T = 0) give a plan of no rows and zero loads.
   """
   fn = "dispatch_plan"
   checks.check_rank(fn, "experts", experts, 2, "[tokens, k]")
@@ -105,7 +106,7 @@ def dispatch_plan(experts: Array, num_experts: int, *,
   onehot = (flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32))
   csum = jnp.cumsum(onehot.astype(jnp.int32), axis=0)  # [T*k, E], inclusive
   pos = jnp.sum(jnp.where(onehot, csum, 0), axis=1) - 1  # position in segment
-  load = csum[-1]  # [E]
+  load = jnp.sum(onehot, axis=0, dtype=jnp.int32)  # [E] (csum[-1]; also T = 0)
   if capacity is None:
     group_sizes = load
     keep = valid
@@ -170,14 +171,19 @@ def with_rows(plan: DispatchPlan, slot_row: Array, num_rows: int) -> DispatchPla
 
 
 def expert_choice_plan(tokens: Array, num_tokens: int) -> DispatchPlan:
-  """The dispatch plan of expert-choice routing: expert e owns rows e*C:(e+1)*C."""
+  """The dispatch plan of expert-choice routing: expert e owns rows e*C:(e+1)*C.
+
+  tokens: int [E, C], the picked tokens; T (num_tokens) marks an empty pick."""
   e, c = tokens.shape
   row_token = tokens.reshape(e * c).astype(jnp.int32)
   sizes = jnp.full((e,), c, jnp.int32)
+  # An empty pick (token id T, when fewer than C tokens were unmasked) keeps its
+  # row (zeros in, weight 0) but is no load.
+  load = jnp.sum(tokens < num_tokens, axis=1, dtype=jnp.int32)
   return DispatchPlan(
       row_token=row_token, row_slot=jnp.arange(e * c, dtype=jnp.int32),
       slot_row=None, group_sizes=sizes,
-      indptr=jnp.arange(e + 1, dtype=jnp.int32) * c, expert_load=sizes,
+      indptr=jnp.arange(e + 1, dtype=jnp.int32) * c, expert_load=load,
       num_dropped=jnp.zeros((), jnp.int32), num_tokens=num_tokens)
 
 
@@ -204,7 +210,7 @@ def _permute_fwd(x, row_token, slot_row):
 
 def _permute_bwd(slot_row, drows):
   t, k = slot_row.shape
-  dx = _take_rows(drows, slot_row.reshape(t * k)).reshape(t, k, -1)
+  dx = _take_rows(drows, slot_row.reshape(t * k)).reshape(t, k, drows.shape[-1])
   dx = jnp.sum(dx.astype(jnp.float32), axis=1).astype(drows.dtype)
   return dx, None, None
 
@@ -216,7 +222,7 @@ gather_rows.defvjp(_permute_fwd, _permute_bwd)
 # Backward: drows[r] = w[row_slot[r]] * dy[row_token[r]];  dw[t, j] = <dy[t], rows[slot_row[t, j]]>.
 def _combine_impl(rows, weights, slot_row):
   t, k = slot_row.shape
-  g = _take_rows(rows, slot_row.reshape(t * k)).reshape(t, k, -1)
+  g = _take_rows(rows, slot_row.reshape(t * k)).reshape(t, k, rows.shape[-1])
   y = jnp.einsum("tkd,tk->td", g, weights.astype(jnp.float32),
                  preferred_element_type=jnp.float32)
   return y.astype(rows.dtype)
@@ -238,7 +244,7 @@ def _combine_bwd(res, dy):
   w_rows = jnp.take(weights.reshape(t * k).astype(jnp.float32), row_slot,
                     mode="fill", fill_value=0)
   drows = (_take_rows(dy, row_token).astype(jnp.float32) * w_rows[:, None])
-  g = _take_rows(rows, slot_row.reshape(t * k)).reshape(t, k, -1)
+  g = _take_rows(rows, slot_row.reshape(t * k)).reshape(t, k, rows.shape[-1])
   dw = jnp.einsum("tkd,td->tk", g, dy, preferred_element_type=jnp.float32)
   return (drows.astype(rows.dtype), dw.astype(weights.dtype), None, None, None)
 

@@ -8,7 +8,8 @@ nothing downstream branches on the kind:
     capacity, whether it takes a selection bias or works on a shard of the batch
     (`per_token`), and its selection rule;
   * after routing, the result (`Routing` or `ExpertChoiceRouting`): `num_tokens`,
-    `num_slots`, `plan(capacity)` (its dispatch plan) and `balance_loss(load)`.
+    `num_slots`, `num_routed_slots` (without the masked tokens), `mask`,
+    `plan(capacity)` (its dispatch plan) and `balance_loss(load)`.
 
 Shapes: T tokens, E experts, k experts per token, C tokens per expert (expert choice).
 """
@@ -102,14 +103,16 @@ class RouterConfig:
     return ROUTING_KINDS[self.kind]
 
   def capacity(self, num_tokens: int, num_experts: int,
-               capacity_factor: float | None = None) -> int | None:
+               capacity_factor: float | None = None, *,
+               min_capacity: int = 1) -> int | None:
     """The static per-expert capacity of a batch, or None for dropless.
 
-    Token choice: None without a capacity factor, else `expert_capacity`. Expert
-    choice always has one: the factor defaults to 1.0 (each expert takes
-    T * top_k / E tokens).
+    Token choice: None without a capacity factor, else `expert_capacity` (at least
+    `min_capacity`). Expert choice always has one: the factor defaults to 1.0
+    (each expert takes T * top_k / E tokens).
     """
-    return self.kind_impl.capacity(self, num_tokens, num_experts, capacity_factor)
+    return self.kind_impl.capacity(self, num_tokens, num_experts, capacity_factor,
+                                   min_capacity)
 
   def validate(self, num_experts: int, fn: str = "route") -> None:
     """Checks the config against the number of experts."""
@@ -145,12 +148,16 @@ class Routing:
     probs: float32 [T, E], router probabilities (softmax, or sigmoid scores
       normalised per token): the P of the load-balancing loss.
     logits: float32 [T, E], the router logits (after noise): z-loss input.
+    mask: bool [T], the tokens that were routed (`route(..., mask=)`), or None
+      for all of them. A masked-out token has experts -1 (not dispatched) and
+      weights 0, and counts in no loss or metric.
   """
 
   experts: Array
   weights: Array
   probs: Array
   logits: Array
+  mask: Array | None = None
 
   @property
   def num_experts(self) -> int:
@@ -162,8 +169,13 @@ class Routing:
 
   @property
   def num_slots(self) -> int:
-    """T * k: the (token, slot) pairs routed."""
+    """T * k: the (token, slot) pairs of the buffers (masked tokens included)."""
     return self.experts.size
+
+  @property
+  def num_routed_slots(self):
+    """The (token, slot) pairs routed: T * k, or (unmasked tokens) * k (traced)."""
+    return num_unmasked(self.mask, self.num_tokens) * self.experts.shape[-1]
 
   def plan(self, capacity: int | None = None) -> permute_lib.DispatchPlan:
     """The dispatch plan (`jmoe.dispatch_plan`): dropless, or `capacity` rows per
@@ -172,13 +184,17 @@ class Routing:
                                      capacity=capacity)
 
   def balance_loss(self, expert_load: Array, *, num_slots=None,
-                   mean_probs: Array | None = None) -> Array:
+                   mean_probs: Array | None = None,
+                   convention: str = "switch") -> Array:
     """The Switch/GShard loss from the pairs per expert [E] (a plan's
-    `expert_load`). `num_slots` and `mean_probs` [E] default to this routing's;
-    jmoe.parallel passes the whole batch's."""
-    return switch_loss(
-        expert_load, self.num_slots if num_slots is None else num_slots,
-        mean_router_probs(self.probs) if mean_probs is None else mean_probs)
+    `expert_load`). `num_slots` and `mean_probs` [E] default to this routing's
+    (unmasked tokens only); jmoe.parallel passes the whole batch's.
+    `convention`: see `load_balancing_loss`."""
+    loss = switch_loss(
+        expert_load, self.num_routed_slots if num_slots is None else num_slots,
+        mean_router_probs(self.probs, self.mask) if mean_probs is None
+        else mean_probs)
+    return loss * balance_factor(convention, self.experts.shape[-1])
 
 
 @jax.tree_util.register_dataclass
@@ -187,16 +203,20 @@ class ExpertChoiceRouting:
   """Expert-choice routing: which C tokens each expert takes.
 
   Attributes:
-    tokens: int32 [E, C], the tokens each expert picked, ascending (token order).
-    weights: float32 [E, C], the router probability of each picked (token, expert).
+    tokens: int32 [E, C], the tokens each expert picked, ascending (token order);
+      T marks an empty pick (fewer than C unmasked tokens).
+    weights: float32 [E, C], the router probability of each picked (token, expert);
+      0 for an empty pick.
     probs: float32 [T, E], router probabilities.
     logits: float32 [T, E], router logits (after noise).
+    mask: bool [T], the tokens that could be picked, or None for all of them.
   """
 
   tokens: Array
   weights: Array
   probs: Array
   logits: Array
+  mask: Array | None = None
 
   @property
   def num_experts(self) -> int:
@@ -208,8 +228,15 @@ class ExpertChoiceRouting:
 
   @property
   def num_slots(self) -> int:
-    """E * C: the (expert, pick) pairs routed."""
+    """E * C: the (expert, pick) pairs of the buffers."""
     return self.tokens.size
+
+  @property
+  def num_routed_slots(self):
+    """The (expert, pick) pairs that hold a token (traced with a mask)."""
+    if self.mask is None:
+      return self.num_slots
+    return jnp.sum(self.tokens < self.num_tokens, dtype=jnp.int32)
 
   def plan(self, capacity: int | None = None) -> permute_lib.DispatchPlan:
     """The dispatch plan: expert e owns rows e*C:(e+1)*C. `capacity` is unused
@@ -217,48 +244,84 @@ class ExpertChoiceRouting:
     del capacity
     return permute_lib.expert_choice_plan(self.tokens, self.num_tokens)
 
-  def balance_loss(self, expert_load: Array, **unused) -> Array:
+  def balance_loss(self, expert_load: Array, **unused) -> Array:  # noqa: D401
     """Zero: every expert takes exactly C tokens, balanced by construction."""
     del expert_load, unused
     return jnp.zeros((), jnp.float32)
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
-                    capacity_factor: float) -> int:
-  """Static per-expert capacity: ceil(capacity_factor * tokens * top_k / experts).
-
-  Clipped to [1, tokens] so a buffer never holds more rows than there are tokens.
-  """
-  if capacity_factor <= 0:
+def check_capacity_factor(fn: str, name: str, value, *,
+                          allow_none: bool = True) -> None:
+  """A capacity factor must be a finite float > 0 (or None: dropless)."""
+  if value is None and allow_none:
+    return
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not math.isfinite(value) or value <= 0):
     raise ValueError(
-        f"expert_capacity: `capacity_factor` must be > 0; got {capacity_factor}."
-    )
-  cap = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
-  return int(min(max(cap, 1), num_tokens))
+        f"{fn}: `{name}` must be a finite number > 0"
+        f"{' (or None for dropless)' if allow_none else ''}; got {value!r}.")
 
 
-def apply_noise(logits: Array, config: RouterConfig, key: Array | None, *,
-                row_start: Array | int = 0, total_rows: int | None = None) -> Array:
-  """The config's jitter / noise on float32 logits [T, E] (identity without a key).
+def check_min_capacity(fn: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{fn}: `min_capacity` must be an int >= 1; got {value!r}.")
 
-  The random numbers are drawn for a [total_rows, E] batch and rows
-  row_start : row_start + T are used, so a shard of a batch (jmoe.parallel) gets
-  exactly the noise the whole batch would get.
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
+                    capacity_factor: float, *, min_capacity: int = 1) -> int:
+  """Static per-expert capacity: ceil(capacity_factor * tokens * top_k / experts),
+  at least `min_capacity`.
+
+  Clipped to at most the tokens (so a buffer never holds more rows than there are
+  tokens) and at least 1 (for an empty batch too, whose buffers have no rows).
+  `capacity_factor` must be finite and > 0, `min_capacity` an int >= 1
+  (ValueError naming them otherwise).
   """
-  logits = logits.astype(jnp.float32)
+  fn = "expert_capacity"
+  check_capacity_factor(fn, "capacity_factor", capacity_factor, allow_none=False)
+  check_min_capacity(fn, min_capacity)
+  cap = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+  return int(max(min(max(cap, min_capacity), num_tokens), 1))
+
+
+def noise_draws(config: RouterConfig, key: Array | None,
+                shape: tuple[int, int]) -> tuple[Array, Array] | None:
+  """The random numbers of the config's jitter / noise for logits of `shape`
+  [T, E]: (multiplier, standard normal), both float32 of `shape`; None without a
+  key or without noise. jmoe.parallel draws them for the whole batch and hands
+  each shard its rows, so a shard gets exactly the noise the whole batch would."""
   if key is None or (config.jitter_eps == 0 and config.noise_std == 0):
-    return logits
-  shape = (logits.shape[0] if total_rows is None else total_rows, logits.shape[1])
-  rows = lambda a: jax.lax.dynamic_slice_in_dim(a, row_start, logits.shape[0], 0)
+    return None
   k_jitter, k_noise = jax.random.split(key)
   if config.jitter_eps > 0:
-    logits = logits * rows(jax.random.uniform(
-        k_jitter, shape, jnp.float32,
-        1.0 - config.jitter_eps, 1.0 + config.jitter_eps))
+    mult = jax.random.uniform(k_jitter, shape, jnp.float32,
+                              1.0 - config.jitter_eps, 1.0 + config.jitter_eps)
+  else:
+    mult = jnp.ones(shape, jnp.float32)
   if config.noise_std > 0:
-    logits = logits + config.noise_std * rows(jax.random.normal(
-        k_noise, shape, jnp.float32))
+    normal = jax.random.normal(k_noise, shape, jnp.float32)
+  else:
+    normal = jnp.zeros(shape, jnp.float32)
+  return mult, normal
+
+
+def add_noise(logits: Array, config: RouterConfig,
+              draws: tuple[Array, Array] | None) -> Array:
+  """float32 logits [T, E] with `noise_draws` applied (identity for None)."""
+  logits = logits.astype(jnp.float32)
+  if draws is None:
+    return logits
+  mult, normal = draws
+  if config.jitter_eps > 0:
+    logits = logits * mult
+  if config.noise_std > 0:
+    logits = logits + config.noise_std * normal
   return logits
+
+
+def apply_noise(logits: Array, config: RouterConfig, key: Array | None) -> Array:
+  """The config's jitter / noise on float32 logits [T, E] (identity without a key)."""
+  return add_noise(logits, config, noise_draws(config, key, logits.shape))
 
 
 def _group_mask(selection: Array, config: RouterConfig) -> Array:
@@ -283,6 +346,7 @@ def route(
     bias: Array | None = None,
     key: Array | None = None,
     capacity: int | None = None,
+    mask: Array | None = None,
     **overrides,
 ) -> Routing | ExpertChoiceRouting:
   """Turns router logits into routing decisions.
@@ -299,6 +363,9 @@ def route(
     capacity: expert choice: tokens per expert (default
       `config.capacity(T, E)`, i.e. `expert_capacity(T, E, top_k, 1.0)`). Token
       choice ignores it (capacity is applied by the dispatch plan).
+    mask: optional bool [T] (integers: nonzero is True): the tokens to route.
+      A False token (padding) is not dispatched (experts -1, weights 0; expert
+      choice never picks it) and counts in no loss or metric.
 
   Returns:
     `Routing` for token choice, `ExpertChoiceRouting` for expert choice.
@@ -307,7 +374,10 @@ def route(
   weights, so its output (and any loss built on it) turns NaN instead of being
   routed silently to arbitrary experts. -inf is allowed and means "this expert is
   unavailable to this token" (probability 0). `moe_ffn` also counts such tokens in
-  `MoEAux.nonfinite_tokens`.
+  `MoEAux.nonfinite_tokens`. A token whose logits are all -inf has no expert to
+  go to: it is non-finite too (NaN weights, counted).
+
+  No tokens (logits [0, E]) give empty decisions ([0, k]; expert choice [E, 0]).
   """
   fn = "route"
   config = RouterConfig() if config is None else config
@@ -318,6 +388,7 @@ def route(
   num_tokens, num_experts = logits.shape
   config.validate(num_experts, fn)
   kind = config.kind_impl
+  mask = check_mask(fn, mask, (num_tokens,), "[tokens]")
   if bias is not None:
     if jnp.shape(bias) != (num_experts,):
       raise ValueError(
@@ -340,12 +411,39 @@ def route(
   if capacity is None:
     capacity = config.capacity(num_tokens, num_experts)
   return kind.select(logits, scores, probs, config, bias=bias, capacity=capacity,
-                     fn=fn)
+                     mask=mask, fn=fn)
 
 
-def nonfinite_tokens(logits: Array) -> Array:
-  """bool [T]: tokens whose logits hold NaN or +inf (-inf is a legal mask)."""
-  return jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+def check_mask(fn: str, mask, shape: tuple[int, ...], layout: str):
+  """`mask` as a bool array of `shape` (None stays None); integers: nonzero."""
+  if mask is None:
+    return None
+  if jnp.shape(mask) != tuple(shape):
+    raise ValueError(
+        f"{fn}: `mask` must have shape {layout}={tuple(shape)}; got"
+        f" {jnp.shape(mask)}.")
+  dtype = jnp.result_type(mask)
+  if dtype == jnp.bool_:
+    return jnp.asarray(mask)
+  if jnp.issubdtype(dtype, jnp.integer):
+    return jnp.asarray(mask) != 0
+  raise TypeError(
+      f"{fn}: `mask` must be boolean (True: a real token) or integer (nonzero:"
+      f" a real token); got {dtype}.")
+
+
+def num_unmasked(mask: Array | None, num_tokens: int):
+  """Unmasked tokens: num_tokens, or the (traced) count of True in mask."""
+  return num_tokens if mask is None else jnp.sum(mask, dtype=jnp.int32)
+
+
+def nonfinite_tokens(logits: Array, mask: Array | None = None) -> Array:
+  """bool [T]: tokens whose logits hold NaN or +inf, or are all -inf (no expert
+  available). A single -inf is a legal "unavailable" mark. Masked-out tokens are
+  never counted."""
+  bad = (jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+         | jnp.all(logits == -jnp.inf, axis=-1))
+  return bad if mask is None else bad & mask
 
 
 # ---------------------------------------------------------------------------
@@ -373,14 +471,15 @@ class RoutingKind:
     """Checks of the config against the number of experts."""
 
   def capacity(self, config: RouterConfig, num_tokens: int, num_experts: int,
-               capacity_factor: float | None) -> int | None:
+               capacity_factor: float | None, min_capacity: int) -> int | None:
     """The static per-expert capacity (None: dropless)."""
     raise NotImplementedError
 
   def select(self, logits: Array, scores: Array, probs: Array,
              config: RouterConfig, *, bias: Array | None, capacity: int | None,
-             fn: str):
-    """The routing decisions from float32 logits, scores and probs [T, E]."""
+             mask: Array | None, fn: str):
+    """The routing decisions from float32 logits, scores and probs [T, E] of the
+    tokens where `mask` [T] (None: all) holds."""
     raise NotImplementedError
 
 
@@ -398,12 +497,14 @@ class TokenChoice(RoutingKind):
           f" ({num_experts})."
       )
 
-  def capacity(self, config, num_tokens, num_experts, capacity_factor):
+  def capacity(self, config, num_tokens, num_experts, capacity_factor,
+               min_capacity):
     if capacity_factor is None:
       return None
-    return expert_capacity(num_tokens, num_experts, config.top_k, capacity_factor)
+    return expert_capacity(num_tokens, num_experts, config.top_k, capacity_factor,
+                           min_capacity=min_capacity)
 
-  def select(self, logits, scores, probs, config, *, bias, capacity, fn):
+  def select(self, logits, scores, probs, config, *, bias, capacity, mask, fn):
     del capacity, fn  # the dispatch plan applies token choice's capacity
     topk_softmax = config.score == "softmax" and config.order == "topk_softmax"
     selection = logits if topk_softmax else scores
@@ -421,7 +522,11 @@ class TokenChoice(RoutingKind):
         weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-20)
     weights = weights * config.routed_scaling_factor
     weights = jnp.where(nonfinite_tokens(logits)[:, None], jnp.nan, weights)
-    return Routing(experts=experts, weights=weights, probs=probs, logits=logits)
+    if mask is not None:
+      experts = jnp.where(mask[:, None], experts, -1)
+      weights = jnp.where(mask[:, None], weights, 0.0)
+    return Routing(experts=experts, weights=weights, probs=probs, logits=logits,
+                   mask=mask)
 
 
 class ExpertChoice(RoutingKind):
@@ -436,25 +541,34 @@ class ExpertChoice(RoutingKind):
     if config.num_groups != 1:
       raise ValueError(f"{fn}: grouped routing needs kind='token_choice'.")
 
-  def capacity(self, config, num_tokens, num_experts, capacity_factor):
+  def capacity(self, config, num_tokens, num_experts, capacity_factor,
+               min_capacity):
     cf = 1.0 if capacity_factor is None else capacity_factor
-    return expert_capacity(num_tokens, num_experts, config.top_k, cf)
+    return expert_capacity(num_tokens, num_experts, config.top_k, cf,
+                           min_capacity=min_capacity)
 
-  def select(self, logits, scores, probs, config, *, bias, capacity, fn):
+  def select(self, logits, scores, probs, config, *, bias, capacity, mask, fn):
     del bias
     num_tokens = logits.shape[0]
-    if not 1 <= capacity <= num_tokens:
+    if num_tokens == 0:  # an empty batch: no picks
+      capacity = 0
+    elif not isinstance(capacity, int) or not 1 <= capacity <= num_tokens:
       raise ValueError(
-          f"{fn}: expert-choice `capacity` must be in [1, tokens={num_tokens}];"
-          f" got {capacity}."
+          f"{fn}: expert-choice `capacity` must be an int in [1,"
+          f" tokens={num_tokens}]; got {capacity!r}."
       )
-    _, tokens = jax.lax.top_k(scores.T, capacity)  # [E, C]
+    ranked = scores.T if mask is None else jnp.where(mask[None], scores.T, -1.0)
+    _, tokens = jax.lax.top_k(ranked, capacity)  # [E, C]
+    if mask is not None:  # picks past the unmasked tokens are empty: token T
+      tokens = jnp.where(mask[tokens], tokens, num_tokens)
     tokens = jnp.sort(tokens, axis=-1).astype(jnp.int32)
-    weights = jnp.take_along_axis(scores.T, tokens, axis=-1)
-    weights = weights * config.routed_scaling_factor
-    weights = jnp.where(nonfinite_tokens(logits)[tokens], jnp.nan, weights)
+    take = lambda a: jnp.take_along_axis(a, tokens, axis=-1, mode="fill",
+                                         fill_value=0)
+    weights = take(scores.T) * config.routed_scaling_factor
+    bad = jnp.take(nonfinite_tokens(logits), tokens, mode="fill", fill_value=False)
+    weights = jnp.where(bad, jnp.nan, weights)
     return ExpertChoiceRouting(tokens=tokens, weights=weights, probs=probs,
-                               logits=logits)
+                               logits=logits, mask=mask)
 
 
 ROUTING_KINDS: dict[str, RoutingKind] = {
@@ -469,20 +583,37 @@ def expert_load(experts: Array, num_experts: int) -> Array:
   return onehot.sum(0, dtype=jnp.int32)
 
 
-def load_balancing_loss(probs: Array, experts: Array) -> Array:
+BALANCE_CONVENTIONS = ("switch", "hf")
+
+
+def balance_factor(convention: str, top_k: int) -> int:
+  """The factor of a balance-loss convention over jmoe's ("switch"): 1, or k for
+  Hugging Face's ("hf")."""
+  checks.check_choice("balance_loss", "convention", convention,
+                      BALANCE_CONVENTIONS)
+  return top_k if convention == "hf" else 1
+
+
+def load_balancing_loss(probs: Array, experts: Array, *,
+                        mask: Array | None = None,
+                        convention: str = "switch") -> Array:
   """Switch / GShard auxiliary load-balancing loss.
 
     loss = E * sum_e f_e * P_e
 
   f_e is the fraction of the T*k (token, slot) assignments that went to expert e
   (no gradient), P_e the mean router probability of expert e. It equals 1.0 under
-  perfectly uniform routing and grows as routing concentrates. (Hugging Face's
-  `load_balancing_loss_func` sums f over the k slots instead: its value is k times
-  this one.)
+  perfectly uniform routing and grows as routing concentrates.
 
   Args:
     probs: float [T, E] router probabilities (`Routing.probs`).
-    experts: int [T, k] chosen experts (`Routing.experts`).
+    experts: int [T, k] chosen experts (`Routing.experts`); ids outside [0, E)
+      are not counted.
+    mask: optional bool [T]: only these tokens count (in f and in P).
+    convention: "switch" (jmoe's, above) or "hf": Hugging Face's
+      `load_balancing_loss_func` (Mixtral, Qwen-MoE, OLMoE), which sums f over
+      the k slots, so its value is k times this one (k at uniform routing).
+      Coefficients ported from a Hugging Face config need "hf".
   """
   fn = "load_balancing_loss"
   checks.check_rank(fn, "probs", probs, 2, "[tokens, experts]")
@@ -490,19 +621,29 @@ def load_balancing_loss(probs: Array, experts: Array) -> Array:
   checks.check_integer(fn, "experts", experts)
   checks.check_dim(fn, "experts", experts.shape[0], probs.shape[0],
                    "tokens (dim 0) must match probs")
+  factor = balance_factor(convention, experts.shape[1])
+  mask = check_mask(fn, mask, (probs.shape[0],), "[tokens]")
+  if mask is not None:
+    experts = jnp.where(mask[:, None], experts, -1)
   counts = expert_load(experts, probs.shape[-1])
-  return balance_loss_from_counts(probs, counts, experts.size)
+  slots = num_unmasked(mask, probs.shape[0]) * experts.shape[1]
+  return factor * switch_loss(counts, slots, mean_router_probs(probs, mask))
 
 
-def balance_loss_from_counts(probs: Array, counts: Array, num_slots: int) -> Array:
-  """`load_balancing_loss` from precomputed per-expert counts (e.g. a dispatch
-  plan's `expert_load`), so the layer does not count twice."""
-  return switch_loss(counts, num_slots, mean_router_probs(probs))
+def mean_router_probs(probs: Array, mask: Array | None = None) -> Array:
+  """float32 [E]: P_e, the mean router probability of each expert over the
+  (unmasked) tokens; zeros when no token is unmasked."""
+  return masked_mean(probs.astype(jnp.float32), mask)
 
 
-def mean_router_probs(probs: Array) -> Array:
-  """float32 [E]: P_e, the mean router probability of each expert over tokens."""
-  return probs.astype(jnp.float32).mean(axis=0)
+def masked_mean(values: Array, mask: Array | None) -> Array:
+  """Mean over axis 0 of values [T, ...] where mask [T] holds (0 if none does)."""
+  if mask is None:
+    n = values.shape[0]
+    return values.sum(axis=0) / max(n, 1)
+  m = mask.reshape(mask.shape + (1,) * (values.ndim - 1))
+  total = jnp.sum(jnp.where(m, values, 0), axis=0)
+  return total / jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
 
 
 def switch_loss(counts: Array, num_slots, mean_probs: Array) -> Array:
@@ -512,21 +653,36 @@ def switch_loss(counts: Array, num_slots, mean_probs: Array) -> Array:
   return mean_probs.shape[-1] * jnp.sum(f * mean_probs)
 
 
-def router_z_loss(logits: Array) -> Array:
+def token_z(logits: Array) -> Array:
+  """float32 [T]: logsumexp(logits)^2 of each token, the z-loss's summand."""
+  return jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2
+
+
+def token_entropy(probs: Array) -> Array:
+  """float32 [T]: the entropy (nats) of each token's router distribution."""
+  p = probs.astype(jnp.float32)
+  return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0),
+                  axis=-1)
+
+
+def router_z_loss(logits: Array, mask: Array | None = None) -> Array:
   """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2.
 
   Args:
     logits: float [T, E] router logits.
+    mask: optional bool [T]: the mean runs over these tokens only (0 if none,
+      and for T = 0).
   """
-  checks.check_rank("router_z_loss", "logits", logits, 2, "[tokens, experts]")
-  z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-  return jnp.mean(z**2)
+  fn = "router_z_loss"
+  checks.check_rank(fn, "logits", logits, 2, "[tokens, experts]")
+  mask = check_mask(fn, mask, (logits.shape[0],), "[tokens]")
+  return masked_mean(token_z(logits), mask)
 
 
-def router_entropy(probs: Array) -> Array:
-  """Mean over tokens of the entropy (nats) of the router distribution."""
-  p = probs.astype(jnp.float32)
-  return -jnp.mean(jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0), axis=-1))
+def router_entropy(probs: Array, mask: Array | None = None) -> Array:
+  """Mean over (unmasked) tokens of the entropy (nats) of the router
+  distribution (0 over no token)."""
+  return masked_mean(token_entropy(probs), mask)
 
 
 def update_expert_bias(bias: Array, tokens_per_expert: Array, *,

@@ -13,7 +13,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from jmoe._src import checks
 from jmoe._src import moe as moe_lib
 from jmoe._src import params as params_lib
 from jmoe._src import routing as routing_lib
@@ -61,20 +60,25 @@ class Router(nnx.Module):
     return moe_lib.router_logits(x.reshape(-1, self.d_model), self.kernel[...])
 
   def __call__(self, x: Array, *, key: Array | None = None,
-               capacity: int | None = None):
+               capacity: int | None = None, mask: Array | None = None):
     """Routes x [..., D]; leading dims are flattened into T tokens.
 
     Args:
       x: [..., d_model] activations.
       key: PRNG key enabling the config's jitter / noise (training only).
       capacity: expert choice only: tokens per expert (see `jmoe.route`).
+      mask: optional bool [...] (x.shape[:-1]): the tokens to route (see
+        `jmoe.route`).
 
     Returns:
       `jmoe.Routing` (or `jmoe.ExpertChoiceRouting`) over the T flat tokens.
     """
+    if mask is not None:
+      mask = routing_lib.check_mask("Router", mask, x.shape[:-1],
+                                    "x.shape[:-1]").reshape(-1)
     return routing_lib.route(self.logits(x), self.config,
                              bias=value_or_none(self.bias), key=key,
-                             capacity=capacity)
+                             capacity=capacity, mask=mask)
 
   def update_bias(self, tokens_per_expert: Array, *, rate: float = 1e-3) -> None:
     """One `jmoe.update_expert_bias` step of `bias` from the observed load [E]."""
@@ -89,12 +93,11 @@ class FeedForward(nnx.Module):
   "mlp"), `w_down` [F, D] ("mlp", "embed").
   """
 
-  def __init__(self, d_model: int, d_ff: int, *, activation: str = "swiglu",
+  def __init__(self, d_model: int, d_ff: int, *, activation="swiglu",
                dtype=None, param_dtype=jnp.float32,
                kernel_init: Initializer = fan_in_init,
                eager_sharding: bool = False, rngs: nnx.Rngs):
-    checks.check_choice("FeedForward", "activation", activation,
-                        moe_lib.ACTIVATIONS)
+    moe_lib.activation_of(activation, "FeedForward")
     self.d_model = d_model
     self.d_ff = d_ff
     self.activation = activation
@@ -142,7 +145,8 @@ class MoE(nnx.Module):
     num_experts: E.
     config: the `jmoe.MoEConfig` (routing, activation, capacity, gmm backend).
     parallel: None, or an object with `moe_ffn(x, params, config, *, key)` (e.g.
-      `jmoe.parallel.ExpertParallel`) called instead of `jmoe.moe_ffn`. Static.
+      `jmoe.parallel.ExpertParallel`) called instead of `jmoe.moe_ffn`; it gets
+      `mask=` / `deterministic=True` too when the call passes them. Static.
     dtype: compute dtype of the activations (None: x.dtype). `moe_ffn` casts the
       expert weights to it; router math stays float32.
     param_dtype: storage dtype of the parameters.
@@ -225,13 +229,39 @@ class MoE(nnx.Module):
         values[s.path] = v[...]
     return params_lib.params_from_flat(values)
 
-  def __call__(self, x: Array, *,
-               key: Array | None = None) -> tuple[Array, moe_lib.MoEAux]:
+  def set_params(self, params: moe_lib.MoEParams) -> None:
+    """Writes `jmoe.MoEParams` (e.g. from `jmoe.upcycle_ffn`) into this module's
+    variables, cast to their dtypes. Shapes and present parts must match."""
+    fn = "MoE.set_params"
+    for s in params_lib.MOE_PARAMS:
+      var = self
+      for name in s.module_path:
+        var = None if var is None else getattr(var, name)
+      value = params_lib.get_param(params, s.path)
+      if (var is None) != (value is None):
+        raise ValueError(
+            f"{fn}: `params.{s.path}` is {'missing' if value is None else 'given'}"
+            f" but this module {'has' if var is not None else 'has no'} it.")
+      if var is None:
+        continue
+      if tuple(value.shape) != tuple(var[...].shape):
+        raise ValueError(
+            f"{fn}: `params.{s.path}` must have shape {s.layout}="
+            f"{tuple(var[...].shape)}; got {tuple(value.shape)}.")
+      var[...] = jnp.asarray(value, var[...].dtype)
+
+  def __call__(self, x: Array, *, key: Array | None = None,
+               mask: Array | None = None,
+               deterministic: bool = False) -> tuple[Array, moe_lib.MoEAux]:
     """y, aux = moe(x).
 
     Args:
       x: [..., d_model] activations.
       key: PRNG key for router jitter / noise (training); None: no noise.
+      mask: optional bool [...] (x.shape[:-1]), True for real tokens: masked
+        ones are not dispatched, give zeros and count in no loss (see
+        `jmoe.moe_ffn`).
+      deterministic: evaluation: the config's `eval_capacity_factor`, no noise.
 
     Returns:
       y: [..., d_model] in the compute dtype.
@@ -240,9 +270,13 @@ class MoE(nnx.Module):
     check_features("MoE", x, self.d_model)
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    if self.parallel is not None:
-      return self.parallel.moe_ffn(x, self.params(), self.config, key=key)
-    return moe_lib.moe_ffn(x, self.params(), self.config, key=key)
+    kw = {"key": key}
+    if mask is not None:
+      kw["mask"] = mask
+    if deterministic:
+      kw["deterministic"] = True
+    layer = moe_lib.moe_ffn if self.parallel is None else self.parallel.moe_ffn
+    return layer(x, self.params(), self.config, **kw)
 
   def update_bias(self, tokens_per_expert: Array, *, rate: float = 1e-3) -> None:
     """One `jmoe.update_expert_bias` step of the router bias from the load [E]."""

@@ -22,7 +22,7 @@ from jmoe._src import params as params_lib
 from jmoe._src import routing as routing_lib
 from jmoe._src.nn.attention import Attention, AttentionConfig
 from jmoe._src.nn.moe import FeedForward, MoE
-from jmoe._src.nn.variables import fan_in_init, param
+from jmoe._src.nn.variables import fan_in_init, param, token_sharding
 
 Array = jax.Array
 
@@ -415,7 +415,7 @@ class MoETransformerLM(nnx.Module):
     fn = "MoETransformerLM"
     checks.check_rank(fn, "tokens", tokens, 2, "[batch, seq]")
     checks.check_integer(fn, "tokens", tokens)
-    x = self.embed(tokens)
+    x = self.embed(tokens, out_sharding=token_sharding(tokens))
     keys = (jax.random.split(key, len(self.blocks)) if key is not None
             else [None] * len(self.blocks))
     auxes = []
@@ -472,7 +472,7 @@ class MoETransformerLM(nnx.Module):
     if s > cache.max_len:
       raise ValueError(
           f"{fn}: {s} tokens do not fit a cache of max_len={cache.max_len}.")
-    x = self.embed(tokens)
+    x = self.embed(tokens, out_sharding=token_sharding(tokens))
     ks, vs = [], []
     for i, block in enumerate(self.blocks):
       x, k, v = block.decode(x, cache.k[i], cache.v[i], cache.index)

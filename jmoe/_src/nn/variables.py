@@ -168,6 +168,32 @@ def table_variable(spec: params_lib.ParamSpec, sizes, *, rngs: nnx.Rngs,
                variable_type=nnx.Param if spec.trainable else ExpertBias)
 
 
+def token_sharding(tokens: Array, trailing: int = 1):
+  """The sharding of an embedding lookup of `tokens`, for `nnx.Embed`'s
+  `out_sharding`: the tokens' own sharding with `trailing` unsharded feature axes.
+
+  On a mesh of Explicit axes (`jax.make_mesh`'s default) JAX types the sharding of
+  every op, and a lookup of batch-sharded tokens cannot infer its output's (a
+  `ShardingTypeError` naming `.at[...].get(out_sharding=)`). Pass it:
+
+    x = self.embed(tokens, out_sharding=jmoe.nn.token_sharding(tokens))
+
+  Returns None when `tokens` carry no Explicit mesh axes (no mesh, or Auto axes:
+  the compiler propagates shardings itself), so the same model code runs anywhere.
+  """
+  try:
+    sharding = jax.typeof(tokens).sharding
+  except AttributeError:
+    return None
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or getattr(mesh, "empty", True) or not any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  spec = tuple(sharding.spec) + (None,) * (np.ndim(tokens) - len(sharding.spec))
+  return jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*spec, *(None,) * trailing))
+
+
 def check_features(fn: str, x: Array, d_model: int) -> None:
   if np.ndim(x) < 1 or x.shape[-1] != d_model:
     raise ValueError(
