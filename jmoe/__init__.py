@@ -11,6 +11,7 @@ from jmoe._src.checks import ShapeDtypeError as ShapeDtypeError
 from jmoe._src.gmm.api import IMPLEMENTATIONS as GMM_IMPLEMENTATIONS
 from jmoe._src.gmm.api import default_implementation as default_gmm_implementation
 from jmoe._src.gmm.api import gmm as gmm
+from jmoe._src.moe import CHECKPOINT_NAMES as MOE_CHECKPOINT_NAMES
 from jmoe._src.moe import MoEAux as MoEAux
 from jmoe._src.moe import MoEConfig as MoEConfig
 from jmoe._src.moe import expert_ffn as expert_ffn

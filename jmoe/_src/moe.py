@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jmoe._src import checks
 from jmoe._src import permute as permute_lib
@@ -197,6 +198,21 @@ class AuxSums:
   nonfinite: Array
 
 
+# Names of the layer's intermediates for `jax.checkpoint` policies
+# (`jax.checkpoint_policies.save_only_these_names(*names)`, `save_any_names_but_these`,
+# ...): `moe_ffn` tags them with `jax.ad_checkpoint.checkpoint_name`, which is the
+# identity outside `jax.checkpoint`. `jmoe.nn.MoE(remat=policy)` applies a policy.
+ROUTER_LOGITS = "moe_router_logits"    # float32 [T, E], before noise
+PERMUTED_ROWS = "moe_permuted_rows"    # [R, D], the dispatched rows
+GATE = "moe_gate"                      # [R, F], rows @ w_gate (GLU activations)
+UP = "moe_up"                          # [R, F], rows @ w_up
+HIDDEN = "moe_hidden"                  # [R, F], act(gate) * up, the w_down input
+EXPERT_OUT = "moe_expert_out"          # [R, D], the expert outputs before combine
+CHECKPOINT_NAMES = (ROUTER_LOGITS, PERMUTED_ROWS, GATE, UP, HIDDEN, EXPERT_OUT)
+# The dense FFN's (`ffn`; the shared expert of an MoE layer uses it too).
+FFN_GATE, FFN_UP, FFN_HIDDEN = "ffn_gate", "ffn_up", "ffn_hidden"
+
+
 def ffn(x: Array, params: FFNParams, activation) -> Array:
   """A dense FFN on [..., D], output in x.dtype.
 
@@ -210,13 +226,15 @@ def ffn(x: Array, params: FFNParams, activation) -> Array:
   """
   dt = x.dtype
   act = activation_of(activation, "ffn")
-  up = jnp.dot(x, params.w_up.astype(dt)).astype(jnp.float32)
+  name = checkpoint_name
+  up = name(jnp.dot(x, params.w_up.astype(dt)), FFN_UP).astype(jnp.float32)
   if act.glu:
-    gate = jnp.dot(x, params.w_gate.astype(dt)).astype(jnp.float32)
+    gate = name(jnp.dot(x, params.w_gate.astype(dt)), FFN_GATE).astype(jnp.float32)
     h = act.fn(gate) * up
   else:
     h = act.fn(up)
-  return jnp.dot(h.astype(dt), params.w_down.astype(dt))
+  h = name(h.astype(dt), FFN_HIDDEN)
+  return jnp.dot(h, params.w_down.astype(dt))
 
 
 def expert_ffn(rows: Array, w_up: Array, w_down: Array, w_gate: Array | None,
@@ -226,24 +244,28 @@ def expert_ffn(rows: Array, w_up: Array, w_down: Array, w_gate: Array | None,
   """Every expert's FFN on its rows: [R, D] -> [R, D] through grouped matmuls.
 
   Same precision and activation policy as `ffn`: grouped matmuls in rows.dtype
-  with float32 accumulation, activation in float32.
+  with float32 accumulation, activation in float32. The products are tagged
+  `UP`, `GATE`, `HIDDEN` for `jax.checkpoint` policies (`CHECKPOINT_NAMES`).
   """
   dt = rows.dtype
   act = activation_of(activation, "expert_ffn")
+  name = checkpoint_name
   mm = lambda a, w: gmm(a, w.astype(dt), group_sizes, group_offset=group_offset,
                         implementation=implementation)
-  up = mm(rows, w_up).astype(jnp.float32)
+  up = name(mm(rows, w_up), UP).astype(jnp.float32)
   if act.glu:
-    h = act.fn(mm(rows, w_gate).astype(jnp.float32)) * up
+    h = act.fn(name(mm(rows, w_gate), GATE).astype(jnp.float32)) * up
   else:
     h = act.fn(up)
-  return mm(h.astype(dt), w_down)
+  return mm(name(h.astype(dt), HIDDEN), w_down)
 
 
 def router_logits(x: Array, router: Array) -> Array:
-  """float32 [T, E] = x @ router, in float32 whatever the activation dtype."""
-  return jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)
+  """float32 [T, E] = x @ router, in float32 whatever the activation dtype
+  (tagged `ROUTER_LOGITS` for `jax.checkpoint` policies)."""
+  return checkpoint_name(
+      jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32),
+              precision=jax.lax.Precision.HIGHEST), ROUTER_LOGITS)
 
 
 def route_tokens(x: Array, params: MoEParams, config: MoEConfig,
@@ -385,9 +407,11 @@ def _moe_ffn(x: Array, params: MoEParams, config: MoEConfig, key: Array | None,
   routing, capacity = route_tokens(xt, params, config, key, mt,
                                    deterministic=deterministic)
   rows, plan = permute_lib.permute(xt, routing, capacity=capacity)
+  rows = checkpoint_name(rows, PERMUTED_ROWS)
   out_rows = expert_ffn(rows, params.w_up, params.w_down, params.w_gate,
                         plan.group_sizes, config.activation,
                         implementation=config.gmm_implementation)
+  out_rows = checkpoint_name(out_rows, EXPERT_OUT)
   y = permute_lib.unpermute(out_rows, plan, routing.weights)
   if params.shared is not None:
     y = y + shared_output(xt, params, config.activation)
