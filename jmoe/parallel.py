@@ -530,8 +530,9 @@ def _exchange_all_gather(xt: Array, experts: Array, weights: Array,
   if gather:
     g = lambda a: lax.all_gather(a, axis, axis=0, tiled=True)
     xg, eg, wg = g(xt), g(experts), g(weights)  # n * T_l tokens
-  else:
-    xg, eg, wg = xt, experts, weights
+  else:  # made varying over the axis, so their cotangents sum over it
+    xg, wg = (lax.pcast(a, (axis,), to="varying") for a in (xt, weights))
+    eg = experts
   local = eg - lax.axis_index(axis) * e_l  # local expert ids; others -> -1
   local = jnp.where((local >= 0) & (local < e_l), local, -1)
   # capacity = all tokens: nothing dropped, buffer min(k, E_l) * n * T_l rows.

@@ -81,10 +81,10 @@ def reference(config=CONFIG, seed=None):
   return _value_and_grads(lambda x, p: jmoe.moe_ffn(x, p, config, key=_key(seed)))
 
 
-def _per_shard(x, params, config, cf):
+def _per_shard(x, params, config, cf, shards=SHARDS):
   """The documented all_to_all rule on one device: capacity mode on each shard."""
   cap = dataclasses.replace(config, capacity_factor=cf)
-  xs = jnp.split(x.reshape(-1, x.shape[-1]), SHARDS)  # token order
+  xs = jnp.split(x.reshape(-1, x.shape[-1]), shards)  # token order
   outs = [jmoe.moe_ffn(xi, params, cap) for xi in xs]
   _, full = jmoe.moe_ffn(x, params, config)  # routing-only metrics: whole batch
   dropped = jnp.mean(jnp.stack([a.dropped_fraction for _, a in outs]))
@@ -186,6 +186,57 @@ def test_tokens_replicated_over_expert_axis(dispatcher):
   run(ep, x, params, ct)
 
 
+def test_batch_axes_fit_the_batch():
+  ep = parallel.ExpertParallel(mesh("2x4"))
+  assert ep.data_axes is None
+  assert ep.batch_axes() == ep.batch_axes(16) == ("data", "expert")
+  assert ep.batch_axes(2) == ep.batch_axes(6) == ("data",)
+  assert ep.batch_axes(4) == ("data",) and ep.batch_axes(1) == ()
+  assert ep.token_axes_for(2 * 8, 2) == ("data", "expert")  # 8 tokens per shard
+  assert ep.token_axes_for(2 * 3, 2) == ("data",)  # 3 tokens: replicated
+  assert ep.input_spec(2) == jax.sharding.PartitionSpec("data")
+  assert parallel.ExpertParallel(mesh("4x2")).batch_axes(2) == ("expert",)
+  given = parallel.ExpertParallel(mesh("2x4"), data_axes="data")
+  assert given.batch_axes(8) == given.batch_axes(1) == ("data",)
+
+
+@functools.cache
+def small_reference(config, cf, shards):
+  if cf is None:
+    return reference(config)
+  return _value_and_grads(lambda x, p: _per_shard(x, p, config, cf, shards))
+
+
+@pytest.mark.parametrize("dispatcher,mesh_name,shape,shards", [
+    # over "data"; 3 tokens per shard: not over "expert"
+    ("dropless", "2x4", (2, 3, D), 2),
+    ("all_to_all", "2x4", (2, 3, D), 2),
+    # a batch of 1: every device holds the same 5 tokens
+    ("all_gather", "8", (1, 5, D), 1),
+])
+def test_small_batches_replicate_tokens_over_the_expert_axis(
+    dispatcher, mesh_name, shape, shards):
+  """Batches too small to split over every device (decoding): the layer keeps
+  each batch shard's tokens on every device of the expert axis, runs its local
+  experts and sums; values, aux and gradients equal one device (for
+  "all_to_all": the per-shard rule on each batch shard)."""
+  x = jax.random.normal(jax.random.key(3), shape, jnp.float32)
+  ct = jax.random.normal(jax.random.key(4), shape, jnp.float32)
+  _, params, _ = inputs()
+  ep = make_ep(mesh_name, dispatcher)
+  assert ep.expert_axis not in ep.token_axes_for(shape[0] * shape[1], shape[0])
+  xs, ps = parallel.shard_inputs(x, ep), parallel.shard_params(params, ep)
+  (y, aux, stats), grads = expert_parallel(ep)(xs, ps, ct)
+  cf = ep.capacity_factor if dispatcher == "all_to_all" else None
+  (ry, raux), rgrads = small_reference(CONFIG, cf, shards)(x, params, ct)
+  assert y.sharding.is_equivalent_to(ep.input_sharding(shape[0]), y.ndim)
+  assert_rel(y, ry, jnp.float32, "y")
+  assert_tree_rel(aux, raux, jnp.float32, "aux")
+  assert_tree_rel(grads, rgrads, jnp.float32, "grads")
+  assert int(stats.fallback) == 0
+  assert int(stats.max_block_rows) <= int(stats.block_rows)
+
+
 @pytest.mark.parametrize("dispatcher", ["dropless", "all_gather"])
 def test_exact_dispatchers_follow_global_capacity(dispatcher):
   """MoEConfig.capacity_factor under an exact dispatcher: the single-device
@@ -262,14 +313,11 @@ def test_error_experts_not_divisible():
     ep.moe_ffn(x, params)
 
 
-def test_error_tokens_not_divisible():
+def test_error_batch_not_divisible_by_given_data_axes():
   _, params, _ = inputs()
-  ep = parallel.ExpertParallel(mesh("8"))
+  ep = parallel.ExpertParallel(mesh("8"), data_axes="expert")
   with pytest.raises(ValueError, match=r"leading dimension \(12.*data_axes.*\(8\)"):
     ep.moe_ffn(jnp.zeros((12, D)), params)
-  ep = parallel.ExpertParallel(mesh("2x4"), data_axes="data")
-  with pytest.raises(ValueError, match=r"tokens \(6.*token shards \(8"):
-    ep.moe_ffn(jnp.zeros((2, 3, D)), params)
 
 
 def test_error_unknown_axes():

@@ -326,6 +326,19 @@ class TransformerBlock(nnx.Module):
     return x + y, aux
 
 
+def _batch_like(cache: Array, tokens: Array) -> Array:
+  """A [layers, B, ...] cache resharded so that B is split as tokens' B is, when
+  tokens lie on a mesh of Explicit axes (a fresh cache is replicated); else the
+  cache as it is."""
+  sharding = jax.typeof(tokens).sharding
+  mesh = sharding.mesh
+  if getattr(mesh, "empty", True) or not any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return cache
+  spec = jax.sharding.PartitionSpec(None, sharding.spec[0])
+  return jax.sharding.reshard(cache, jax.sharding.NamedSharding(mesh, spec))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -521,9 +534,10 @@ class MoETransformerLM(nnx.Module):
       raise ValueError(
           f"{fn}: {s} tokens do not fit a cache of max_len={cache.max_len}.")
     x = self._embed(tokens)
+    ck, cv = _batch_like(cache.k, tokens), _batch_like(cache.v, tokens)
     ks, vs = [], []
     for i, block in enumerate(self.blocks):
-      x, k, v = block.decode(x, cache.k[i], cache.v[i], cache.index)
+      x, k, v = block.decode(x, ck[i], cv[i], cache.index)
       ks.append(k)
       vs.append(v)
     cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), index=cache.index + s)
