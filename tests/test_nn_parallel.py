@@ -130,3 +130,20 @@ def test_small_batch_on_the_mesh():
   assert_rel(logits, ref_logits, jnp.float32, "B=2 logits")
   np.testing.assert_array_equal(np.asarray(aux.tokens_per_expert),
                                 np.asarray(ref_aux.tokens_per_expert))
+
+
+def test_moe_without_expert_parallelism_on_the_mesh():
+  """Data parallel only: jmoe.nn.MoE on tokens sharded over an Explicit mesh (no
+  jax.set_mesh needed) equals one device and keeps x's sharding."""
+  moe = jnn.MoE(D, F, E, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (8, 3, D))
+  ref, ref_aux = moe(x)
+  nnx.update(moe, jax.device_put(nnx.state(moe), jnn.logical_shardings(
+      moe, mesh(), ())))
+  xs = jax.device_put(x, jax.sharding.NamedSharding(
+      mesh(), jax.sharding.PartitionSpec(("data", "expert"))))
+  y, aux = nnx.jit(lambda m, x: m(x))(moe, xs)
+  assert y.sharding.is_equivalent_to(xs.sharding, y.ndim)
+  assert_rel(y, ref, jnp.float32, "y")
+  np.testing.assert_array_equal(np.asarray(aux.tokens_per_expert),
+                                np.asarray(ref_aux.tokens_per_expert))

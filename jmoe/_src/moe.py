@@ -210,8 +210,9 @@ def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
     out_sharding = (jax.typeof(x).sharding.spec,
                     MoEAux.filled(jax.sharding.PartitionSpec()))
     body = lambda x, params: _moe_ffn(x, params, config, key)
-    return jax.sharding.auto_axes(body, axes=explicit,
-                                  out_sharding=out_sharding)(x, params)
+    with jax.sharding.use_abstract_mesh(jax.typeof(x).sharding.mesh):
+      return jax.sharding.auto_axes(body, axes=explicit,
+                                    out_sharding=out_sharding)(x, params)
   return _moe_ffn(x, params, config, key)
 
 
