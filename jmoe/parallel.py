@@ -44,7 +44,8 @@ Dispatchers (`ExpertParallel.dispatcher`), one semantics each:
 * "all_gather": exact, like "dropless". Tokens, expert ids and weights are gathered
   over the expert axis; every device runs its local experts on all n * T_l tokens
   (buffer n * T_l * min(k, E_l) rows) and the partial outputs are summed back with a
-  reduce-scatter (`psum_scatter`). Good when E_l is small and tokens are few.
+  reduce-scatter (`psum_scatter`), in float32 whatever x's dtype (so bf16 outputs
+  round once, as on one device). Good when E_l is small and tokens are few.
 
 Auxiliary metrics are global (reduced over the token axes): they equal the ones of
 `jmoe.moe_ffn` on the whole batch (the balance loss from the summed counts and the
@@ -538,12 +539,15 @@ def _exchange_all_gather(xt: Array, experts: Array, weights: Array,
   # capacity = all tokens: nothing dropped, buffer min(k, E_l) * n * T_l rows.
   rows, plan = permute_lib.permute(xg, local, num_experts=e_l, capacity=xg.shape[0])
   out = _local_ffn(rows, params, plan.group_sizes, config)
-  partial = permute_lib.unpermute(out, plan, wg)  # this device's experts only
+  # This device's experts only, combined and summed over the axis in float32 and
+  # rounded once: as one device's combine. (Rounding each device's partial to a
+  # bf16 x.dtype before the sum differed from one device in 31% of the outputs.)
+  partial = permute_lib.unpermute(out.astype(jnp.float32), plan, wg)
   if gather:
     y = lax.psum_scatter(partial, axis, scatter_dimension=0, tiled=True)
   else:
     y = lax.psum(partial, axis)
-  return y, jnp.sum(plan.group_sizes)
+  return y.astype(xt.dtype), jnp.sum(plan.group_sizes)
 
 
 class _Route(NamedTuple):

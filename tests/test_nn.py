@@ -245,7 +245,7 @@ def test_lm_layer_pattern_aux_and_heads():
   assert jnn.moe_layer_pattern(5, first_dense=1, every=2) == (
       False, False, True, False, True)
   cfg = jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2))
-  lm = jnn.MoETransformerLM(V, D, 3, H, F, num_experts=E, moe=cfg,
+  lm = jnn.MoETransformerLM(V, D, 3, H, F, num_experts=E, moe_config=cfg,
                             moe_layers=(True, False, True), num_kv_heads=KV,
                             rngs=nnx.Rngs(0))
   assert [b.is_moe for b in lm.blocks] == [True, False, True]
