@@ -56,7 +56,7 @@ def build(ep):
                           capacity_factor=1.5 if ep and ep.dispatcher == "all_to_all"
                           else None)
   model = jnn.MoETransformerLM(VOCAB, D_MODEL, LAYERS, HEADS, D_FF,
-                               num_experts=EXPERTS, moe=config, shared_d_ff=32,
+                               num_experts=EXPERTS, moe_config=config, shared_d_ff=32,
                                parallel=ep, rngs=nnx.Rngs(0))
   return model, nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
 
@@ -88,22 +88,22 @@ def main():
   if n % ep_size or EXPERTS % ep_size:
     raise SystemExit(f"--expert-axis {ep_size} must divide the {n} devices and"
                      f" the {EXPERTS} experts")
-  # Auto axes: XLA propagates the batch sharding through the rest of the model
-  # (nnx.Embed's lookup has no out_sharding for Explicit axes); the MoE layers
-  # pin their own layouts either way.
-  mesh = jax.make_mesh((n // ep_size, ep_size), ("data", "expert"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  # jax's default mesh: Explicit axes (sharding in types). The LM's embedding
+  # lookup takes the tokens' sharding; the MoE layers pin their own layouts.
+  mesh = jax.make_mesh((n // ep_size, ep_size), ("data", "expert"))
   ep = parallel.ExpertParallel(mesh, dispatcher=ARGS.dispatcher)
   print(f"{n} x {jax.devices()[0].platform} devices, mesh {dict(mesh.shape)};"
         f" {EXPERTS} experts -> {EXPERTS // ep_size} per device; dispatcher"
-        f" {ep.dispatcher!r}; batch {BATCH} x {SEQ} tokens over {ep.data_axes}")
+        f" {ep.dispatcher!r}; batch {BATCH} x {SEQ} tokens over"
+        f" {ep.batch_axes(BATCH)}")
 
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.integers(0, VOCAB, (BATCH, SEQ + 1)), jnp.int32)
              for _ in range(ARGS.steps)]
 
-  # Expert parallel: experts over "expert", everything else replicated; the
-  # batch over the data axes (every device).
+  # Expert parallel: every parameter placed by its logical axis names (experts
+  # over "expert", everything else replicated); the batch over the axes that
+  # fit it (every device here).
   model, optimizer = build(ep)
   rules = (("expert", ep.expert_axis),)
   nnx.update(model, jax.device_put(nnx.state(model),

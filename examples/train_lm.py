@@ -179,7 +179,7 @@ class Config:
         attention=jnn.AttentionConfig(num_heads=self.num_heads,
                                       num_kv_heads=self.num_kv_heads,
                                       qk_norm=self.qk_norm),
-        num_experts=0 if self.dense else self.num_experts, moe=self.moe_config,
+        num_experts=0 if self.dense else self.num_experts, moe_config=self.moe_config,
         first_dense=0 if self.dense else self.first_dense,
         dense_d_ff=self.dense_d_ff, shared_d_ff=0 if self.dense else self.shared_d_ff)
 

@@ -353,7 +353,7 @@ def _config_from_hf(fam: Family, c) -> jnn.TransformerConfig:
       vocab_size=int(_get(c, "vocab_size")), d_model=d, num_layers=n,
       attention=attention, d_ff=int(_get(c, fam.expert_d_ff)),
       num_experts=int(_get(c, fam.num_experts)),
-      moe=moe_lib.MoEConfig(router=fam.router(c), activation=_activation(c)),
+      moe_config=moe_lib.MoEConfig(router=fam.router(c), activation=_activation(c)),
       moe_layers=tuple(fam.moe_layers(c, n)),
       dense_d_ff=(int(_get(c, fam.dense_d_ff)) if fam.dense_d_ff else None),
       shared_d_ff=int(fam.shared_d_ff(c)), shared_gate=fam.shared_gate,
@@ -371,8 +371,8 @@ def _canonical(config: jnn.TransformerConfig) -> jnn.TransformerConfig:
   return dataclasses.replace(
       config, attention=config.attention_config, moe_layers=layers,
       first_dense=0, dense_d_ff=config.dense_width if not all(layers) else None,
-      moe=moe_lib.MoEConfig(router=_comparable(config.moe.router),
-                            activation=config.moe.activation))
+      moe_config=moe_lib.MoEConfig(router=_comparable(config.moe_config.router),
+                                   activation=config.moe_config.activation))
 
 
 # ------------------------------------------------------------------------------

@@ -19,7 +19,15 @@ every initializer is wrapped with `nn.with_logical_partitioning`, so
 
 `moe_params(variables)` rebuilds the `jmoe.MoEParams` of a variables dict. The
 router bias is not in "params", so an optimizer over "params" never moves it; step
-it with `jmoe.update_expert_bias(bias, aux.tokens_per_expert)`.
+every bias of a model with `update_router_biases(variables, intermediates)`.
+
+Aux: each call returns its `jmoe.MoEAux` and sows it in the "intermediates"
+collection under "moe_aux" (kept when `apply(..., mutable=["intermediates"])`);
+`jmoe.nn.collect_aux(state["intermediates"])` stacks a whole model's records and
+`jmoe.nn.total_aux_loss` weights them. Router noise: an explicit `key`, else the
+"router" rng stream (`apply(..., rngs={"router": key})`) unless `deterministic`.
+Input and output are constrained to the logical activation names
+`jmoe.nn.ACTIVATION_AXES` under `nn.logical_axis_rules`.
 """
 
 from __future__ import annotations
@@ -33,12 +41,15 @@ import jax.numpy as jnp
 
 from jmoe._src import moe as moe_lib
 from jmoe._src import params as params_lib
+from jmoe._src import routing as routing_lib
+from jmoe._src.nn import aux as aux_lib
+from jmoe._src.nn.moe import AUX_NAME, ROUTER_RNG
+from jmoe._src.nn.variables import constrain_activation
 from jmoe.nn import fan_in_init
 
 Array = jax.Array
 
 EXPERT_BIAS = "expert_bias"  # the collection of the non-trainable router bias
-ROUTER_RNG = "router"  # the rng stream used for router noise when no key is given
 
 
 def _create(module: nn.Module, spec: params_lib.ParamSpec, sizes, param_dtype,
@@ -87,6 +98,8 @@ class MoE(nn.Module):
       `mask=` / `deterministic=True` too when the call passes them).
     dtype: compute dtype (None: x.dtype); param_dtype: storage dtype.
     kernel_init: initializer `(key, shape, dtype)` of every weight.
+    deterministic: no router noise from the "router" rng stream (as
+      `nn.Dropout`); the call's argument overrides it.
   """
 
   d_ff: int
@@ -99,20 +112,23 @@ class MoE(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Callable = fan_in_init
+  deterministic: bool | None = None
 
   @nn.compact
   def __call__(self, x: Array, *, key: Array | None = None,
                mask: Array | None = None,
-               deterministic: bool = False) -> tuple[Array, moe_lib.MoEAux]:
+               deterministic: bool | None = None
+               ) -> tuple[Array, moe_lib.MoEAux]:
     """y, aux = moe(x).
 
     Args:
       x: [..., d_model].
       key: PRNG key for router jitter / noise; None: the "router" rng stream if
-        one was passed to `apply`, else no noise.
+        one was passed to `apply` and not deterministic, else no noise.
       mask: optional bool [...] (x.shape[:-1]), True for real tokens (see
         `jmoe.moe_ffn`).
-      deterministic: evaluation: the config's `eval_capacity_factor`, no noise.
+      deterministic: overrides the attribute for this call. Deterministic means
+        evaluation: the config's `eval_capacity_factor` and no router noise.
 
     Returns:
       y: [..., d_model] in the compute dtype; aux: `jmoe.MoEAux`.
@@ -139,7 +155,9 @@ class MoE(nn.Module):
         values[s.path] = _create(self, s, layout.sizes, self.param_dtype,
                                  self.kernel_init)
     params = params_lib.params_from_flat(values)
-    if key is None and self.has_rng(ROUTER_RNG):
+    if deterministic is None:
+      deterministic = bool(self.deterministic)
+    if key is None and not deterministic and self.has_rng(ROUTER_RNG):
       key = self.make_rng(ROUTER_RNG)
     if self.dtype is not None:
       x = x.astype(self.dtype)
@@ -148,8 +166,11 @@ class MoE(nn.Module):
       kw["mask"] = mask
     if deterministic:
       kw["deterministic"] = True
+    x = constrain_activation(x)
     layer = moe_lib.moe_ffn if self.parallel is None else self.parallel.moe_ffn
-    return layer(x, params, cfg, **kw)
+    y, aux = layer(x, params, cfg, **kw)
+    self.sow("intermediates", AUX_NAME, aux)
+    return constrain_activation(y), aux
 
 
 def moe_params(variables) -> moe_lib.MoEParams:
@@ -164,3 +185,53 @@ def moe_params(variables) -> moe_lib.MoEParams:
     if value is not None:
       values[s.path] = value
   return params_lib.params_from_flat(values)
+
+
+def update_router_biases(variables, record, *, rate: float = 1e-3):
+  """`variables` with one `jmoe.update_expert_bias` step of every router bias.
+
+  Args:
+    variables: a Linen model's variables ({"params": ..., "expert_bias": ...});
+      every "router_bias" in the `EXPERT_BIAS` collection is stepped.
+    record: the "intermediates" collection of an
+      `apply(..., mutable=["intermediates"])` (or the state holding it), matched
+      by module path (a layer's calls summed; layers without a record are left
+      alone); or a stacked record (`jmoe.nn.collect_aux`, or its
+      tokens_per_expert [L, E]) with one row per router bias, in path order.
+    rate: the update speed.
+
+  Returns:
+    A new variables dict (a plain dict; the other collections as they were).
+  """
+  fn = "jmoe.linen.update_router_biases"
+  biases = []
+
+  def walk(node, path):
+    for k, v in node.items():
+      if k == "router_bias" and not hasattr(v, "items"):
+        biases.append((path, v))
+      elif hasattr(v, "items"):
+        walk(v, path + (k,))
+
+  variables = nn.meta.unbox(variables)
+  walk(variables.get(EXPERT_BIAS, {}), ())
+  if not biases:
+    raise ValueError(f"{fn}: `variables` hold no router bias (collection"
+                     f" {EXPERT_BIAS!r}; build the MoE with router_bias=True).")
+  biases.sort(key=lambda e: aux_lib.path_key(e[0]))
+  tokens = aux_lib.tokens_by_path(fn, record, [p for p, _ in biases])
+  out = _to_dict(variables)  # new dicts, same leaves
+  for (path, bias), t in zip(biases, tokens):
+    if t is None:
+      continue
+    node = out[EXPERT_BIAS]
+    for k in path:
+      node = node[k]
+    node["router_bias"] = routing_lib.update_expert_bias(bias, t, rate=rate)
+  return out
+
+
+def _to_dict(tree):
+  if hasattr(tree, "items"):
+    return {k: _to_dict(v) for k, v in tree.items()}
+  return tree

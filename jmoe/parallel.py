@@ -5,12 +5,23 @@ code *is* the single-device code (`route`, `dispatch_plan` / `permute`, `expert_
 `unpermute`, `make_aux`, `shared_output`): `shard_map` wraps it and adds the exchange.
 
 Layout. The experts' weights ([E, ...]) are split over `expert_axis` (n devices,
-E_l = E / n local experts each) and replicated over the other mesh axes. Tokens are
-split over the *token axes*: `data_axes`, plus `expert_axis` when it is not one of
-them (tokens replicated over the expert axis are split over it inside the layer, so
-no device repeats another's work). Every device routes its own T_l tokens, sends each
-(token, slot) pair to the device that owns the chosen expert, runs its local experts
-with the single-device grouped matmul, sends the results back and combines them.
+E_l = E / n local experts each) and replicated over the other mesh axes. x's leading
+(batch) dimension is split over the *batch axes*: `data_axes` when given, else the
+mesh axes that fit the batch (`ExpertParallel.batch_axes`: every device for a batch
+divisible by all of them, fewer for small batches). Inside the layer the flat tokens
+are split over the *token axes*: the batch axes, plus `expert_axis` when it is not
+one of them and each batch shard's tokens divide by n (tokens replicated over the
+expert axis are split over it inside the layer, so no device repeats another's
+work). Every device routes its own T_l tokens, sends each (token, slot) pair to the
+device that owns the chosen expert, runs its local experts with the single-device
+grouped matmul, sends the results back and combines them.
+
+Small batches (decoding: say 2 sequences of 1 token on 8 devices): when a batch
+shard's tokens do not divide by n, they stay replicated over the expert axis; every
+device of that axis routes the same tokens, runs its local experts on the pairs
+routed to them and the partial outputs are summed (`psum`) over the expert axis.
+Same results, same semantics of every dispatcher (for "all_to_all" the capacity rule
+is per token shard, here the batch shard), no exchange blocks.
 
 Dispatchers (`ExpertParallel.dispatcher`), one semantics each:
 
@@ -33,7 +44,8 @@ Dispatchers (`ExpertParallel.dispatcher`), one semantics each:
 * "all_gather": exact, like "dropless". Tokens, expert ids and weights are gathered
   over the expert axis; every device runs its local experts on all n * T_l tokens
   (buffer n * T_l * min(k, E_l) rows) and the partial outputs are summed back with a
-  reduce-scatter (`psum_scatter`). Good when E_l is small and tokens are few.
+  reduce-scatter (`psum_scatter`), in float32 whatever x's dtype (so bf16 outputs
+  round once, as on one device). Good when E_l is small and tokens are few.
 
 Auxiliary metrics are global: every shard's `jmoe._src.moe.AuxSums` (sums over its
 unmasked tokens) are summed over the token axes and turned into the `MoEAux` of the
@@ -114,9 +126,12 @@ class ExpertParallel:
     mesh: the `jax.sharding.Mesh` (one process or several, see `jax.distributed`).
     expert_axis: the mesh axis the experts are split over (E must divide by its
       size).
-    data_axes: the mesh axes the tokens (x's leading dimension) are split over, or
-      None for every mesh axis (the usual expert-parallel set-up: the same devices
-      hold different tokens and different experts).
+    data_axes: the mesh axes x's leading (batch) dimension is split over; the
+      batch must divide by their size. None (default): the axes that fit each
+      batch, `batch_axes(batch_size)`: every mesh axis when the batch divides by
+      the device count (the usual expert-parallel set-up: the same devices hold
+      different tokens and different experts), fewer for smaller batches, none
+      for a batch of 1.
     dispatcher: "dropless" (exact, all-to-all with an all-gather fallback),
       "all_to_all" (per-shard capacity, see the module docstring) or "all_gather"
       (exact).
@@ -141,19 +156,16 @@ class ExpertParallel:
     names = tuple(self.mesh.axis_names)
     checks.check_choice(fn, "expert_axis", self.expert_axis, names)
     data_axes = self.data_axes
-    if data_axes is None:
-      data_axes = names
-    elif isinstance(data_axes, str):
-      data_axes = (data_axes,)
-    data_axes = tuple(data_axes)
-    for a in data_axes:
-      if a not in names:
-        raise ValueError(
-            f"{fn}: unknown axis {a!r} in `data_axes`={data_axes}; expected names"
-            f" from the mesh's axes {names}.")
-    if len(set(data_axes)) != len(data_axes):
-      raise ValueError(f"{fn}: `data_axes`={data_axes} repeats an axis.")
-    object.__setattr__(self, "data_axes", data_axes)
+    if data_axes is not None:
+      data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
+      for a in data_axes:
+        if a not in names:
+          raise ValueError(
+              f"{fn}: unknown axis {a!r} in `data_axes`={data_axes}; expected"
+              f" names from the mesh's axes {names}.")
+      if len(set(data_axes)) != len(data_axes):
+        raise ValueError(f"{fn}: `data_axes`={data_axes} repeats an axis.")
+      object.__setattr__(self, "data_axes", data_axes)
     checks.check_choice(fn, "dispatcher", self.dispatcher, DISPATCHERS)
     if self.capacity_factor is not None:
       if self.dispatcher != "all_to_all":
@@ -172,27 +184,62 @@ class ExpertParallel:
     """n: devices on the expert axis."""
     return self.mesh.shape[self.expert_axis]
 
+  def _size(self, axes) -> int:
+    return math.prod(self.mesh.shape[a] for a in axes)
+
+  def batch_axes(self, batch_size: int | None = None) -> tuple[str, ...]:
+    """The mesh axes x's leading dimension (of `batch_size`) is split over.
+
+    `data_axes` when given. Otherwise the mesh axes, in mesh order, each taken
+    while the product of the sizes taken still divides `batch_size`: all of them
+    for a batch divisible by every device, e.g. ("data",) for a batch of 2 on a
+    (2, 4) ("data", "expert") mesh, () for a batch of 1. `batch_size=None`: every
+    mesh axis (the layout of a full training batch).
+    """
+    if self.data_axes is not None:
+      return self.data_axes
+    axes, size = [], 1
+    for a in self.mesh.axis_names:
+      if batch_size is None or batch_size % (size * self.mesh.shape[a]) == 0:
+        axes.append(a)
+        size *= self.mesh.shape[a]
+    return tuple(axes)
+
+  def token_axes_for(self, num_tokens: int,
+                     batch_size: int | None = None) -> tuple[str, ...]:
+    """The axes the flat tokens are split over inside the layer (shard order =
+    token order): `batch_axes(batch_size)`, plus the expert axis when it is not
+    one of them and each batch shard's tokens divide by its size (else the tokens
+    stay replicated over it; see the module docstring)."""
+    axes = self.batch_axes(batch_size)
+    if self.expert_axis in axes:
+      return axes
+    if (num_tokens // self._size(axes)) % self.num_expert_shards:
+      return axes
+    return axes + (self.expert_axis,)
+
   @property
   def token_axes(self) -> tuple[str, ...]:
-    """The axes tokens are split over inside the layer (shard order = token order)."""
-    if self.expert_axis in self.data_axes:
-      return self.data_axes
-    return self.data_axes + (self.expert_axis,)
+    """The token axes of a batch that divides by every shard count."""
+    axes = self.batch_axes()
+    return axes if self.expert_axis in axes else axes + (self.expert_axis,)
 
   @property
   def num_token_shards(self) -> int:
-    return math.prod(self.mesh.shape[a] for a in self.token_axes)
+    return self._size(self.token_axes)
 
   @property
   def num_data_shards(self) -> int:
-    return math.prod(self.mesh.shape[a] for a in self.data_axes)
+    """Shards of a full batch's leading dimension (`batch_axes()`)."""
+    return self._size(self.batch_axes())
 
-  def input_spec(self) -> P:
-    """PartitionSpec of x [B, ..., D] (and of the output): B over `data_axes`."""
-    return P(self.data_axes or None)
+  def input_spec(self, batch_size: int | None = None) -> P:
+    """PartitionSpec of x [B, ..., D] (and of the output): B over
+    `batch_axes(batch_size)`."""
+    return P(self.batch_axes(batch_size) or None)
 
-  def input_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, self.input_spec())
+  def input_sharding(self, batch_size: int | None = None) -> NamedSharding:
+    return NamedSharding(self.mesh, self.input_spec(batch_size))
 
   def param_specs(self, params: MoEParams) -> MoEParams:
     """PartitionSpecs of `params`: the experts' weights (group "experts" of
@@ -286,48 +333,51 @@ class ExpertParallel:
           f" d_ff]) must be divisible by the size of `expert_axis`"
           f" {self.expert_axis!r} ({n}).")
     shape = x.shape
-    nd, ns = self.num_data_shards, self.num_token_shards
+    if not shape[0]:
+      raise ValueError(f"{fn}: `x` has no tokens (shape {shape}).")
+    batch = self.batch_axes(shape[0])
+    nd = self._size(batch)
     if shape[0] % nd:
       raise ValueError(
           f"{fn}: x's leading dimension ({shape[0]}, x shape {shape}) is split over"
-          f" `data_axes` {self.data_axes} and must be divisible by their size ({nd}).")
+          f" `data_axes` {self.data_axes} and must be divisible by their size ({nd});"
+          " data_axes=None fits the axes to the batch.")
     t = math.prod(shape[:-1])
-    if t % ns:
-      raise ValueError(
-          f"{fn}: the number of tokens ({t}, x shape {shape}) must be divisible by"
-          f" the number of token shards ({ns}: `data_axes` {self.data_axes} and"
-          f" `expert_axis` {self.expert_axis!r}).")
+    axes = self.token_axes_for(t, shape[0])
     if self.dispatcher == "all_to_all":
       self.shard_capacity(t // ns, e, config, deterministic=deterministic)
 
-    tokens = P(self.token_axes)
-    x = _constrain(x, self.mesh, self.input_spec())
-    xt = _constrain(x.reshape(t, shape[-1]), self.mesh, tokens)
+    caller_spec = _explicit_spec(x, self.mesh)  # y goes back to x's layout
+    x_spec, t_spec = P(batch or None), P(axes or None)
+    x = _constrain(x, self.mesh, x_spec)
+    xt = _constrain(x.reshape(t, shape[-1]), self.mesh, t_spec)
     if mask is not None:
-      mask = _constrain(mask.reshape(t), self.mesh, tokens)
+      mask = _constrain(mask.reshape(t), self.mesh, t_spec)
     # The whole batch's noise, drawn as `jmoe.moe_ffn` draws it; each shard
     # receives its rows.
     noise = routing_lib.noise_draws(config.router, None if deterministic else key,
                                     (t, e))
     if noise is not None:
-      noise = tuple(_constrain(a, self.mesh, tokens) for a in noise)
+      noise = tuple(_constrain(a, self.mesh, t_spec) for a in noise)
     params = jax.tree.map(lambda a, s: _constrain(a, self.mesh, s), params,
                           self.param_specs(params))
     body = lambda xt, params, mask, noise: _shard_body(
-        self, config, deterministic, t, e, xt, params, mask, noise)
-    spec_of = lambda a: jax.tree.map(lambda _: tokens, a)
+        self, config, deterministic, t, e, axes, xt, params, mask, noise)
+    spec_of = lambda a: jax.tree.map(lambda _: t_spec, a)
     stats_spec = DispatchStats(P(), P(), P())
     aux_spec = MoEAux.filled(P())
     # Every gmm backend types its outputs' varying axes (jmoe._src.gmm.ops).
     check_vma = True
     mapped = jax.shard_map(
         body, mesh=self.mesh,
-        in_specs=(tokens, self.param_specs(params), spec_of(mask),
+        in_specs=(t_spec, self.param_specs(params), spec_of(mask),
                   spec_of(noise)),
-        out_specs=(tokens, aux_spec, stats_spec),
+        out_specs=(t_spec, aux_spec, stats_spec),
         check_vma=check_vma)
     y, aux, stats = mapped(xt, params, mask, noise)
-    y = _constrain(y, self.mesh, self.input_spec()).reshape(shape)
+    y = _constrain(y, self.mesh, x_spec).reshape(shape)
+    if caller_spec is not None and caller_spec != x_spec:
+      y = _constrain(y, self.mesh, caller_spec)
     return y, aux, stats
 
 
@@ -340,8 +390,9 @@ def shard_params(params: MoEParams, ep: ExpertParallel) -> MoEParams:
 
 
 def shard_inputs(x: Array, ep: ExpertParallel) -> Array:
-  """Puts x [B, ..., D] on `ep.mesh`, B split over the data axes."""
-  return _put(x, ep.input_sharding())
+  """Puts x [B, ...] (activations, or the token ids of a model) on `ep.mesh`, B
+  split over `ep.batch_axes(B)`."""
+  return _put(x, ep.input_sharding(np.shape(x)[0]))
 
 
 # ---------------------------------------------------------------------------
@@ -354,6 +405,19 @@ def _put(a, sharding: NamedSharding) -> Array:
     return jax.device_put(a, sharding)
   host = np.asarray(a)  # multi-process: every process holds the full value
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _explicit_spec(a: Array, mesh: Mesh) -> P | None:
+  """a's PartitionSpec when `mesh` has Explicit axes and a is typed on it."""
+  if not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  try:
+    sharding = jax.typeof(a).sharding
+  except AttributeError:
+    return None
+  if getattr(sharding.mesh, "empty", True):
+    return None
+  return sharding.spec
 
 
 def _constrain(a: Array, mesh: Mesh, spec: P) -> Array:
@@ -369,13 +433,13 @@ def _constrain(a: Array, mesh: Mesh, spec: P) -> Array:
 
 
 def _shard_body(ep: ExpertParallel, config: MoEConfig, deterministic: bool,
-                num_tokens: int, num_experts: int, xt: Array, params: MoEParams,
-                mask: Array | None, noise):
-  """One device: its T_l tokens xt [T_l, D] (mask [T_l], noise rows [T_l, E]),
-  its E_l experts in `params`."""
-  axes, ax, n = ep.token_axes, ep.expert_axis, ep.num_expert_shards
+                num_tokens: int, num_experts: int, axes: tuple[str, ...],
+                xt: Array, params: MoEParams, mask: Array | None, noise):
+  """One device: its T_l tokens xt [T_l, D] (split over the token `axes`; mask
+  [T_l], noise rows [T_l, E]), its E_l experts in `params`."""
+  ax, n = ep.expert_axis, ep.num_expert_shards
   t_l, k = xt.shape[0], config.top_k
-  shard = lax.axis_index(axes)
+  shard = lax.axis_index(axes) if axes else jnp.zeros((), jnp.int32)
   xt = moe_lib.apply_mask(xt, mask)  # masked tokens are never read
   routing, _ = moe_lib.route_tokens(xt, params, config, None, mask, noise=noise,
                                     deterministic=deterministic)
@@ -384,13 +448,20 @@ def _shard_body(ep: ExpertParallel, config: MoEConfig, deterministic: bool,
     cap = ep.shard_capacity(t_l, num_experts, config, deterministic=deterministic)
     plan = permute_lib.dispatch_plan(routing.experts, num_experts, capacity=cap)
     experts, aux_plan = routing.experts, plan
+    if ax not in axes:  # the replicated path takes the kept pairs' ids
+      experts = jnp.where(plan.slot_row < plan.num_rows, experts, -1)
   else:
     cap = config.capacity(num_tokens, num_experts, deterministic=deterministic)
     experts, plan, aux_plan = _global_capacity(routing.experts, num_experts, cap,
                                                shard, axes)
 
   block = ep.block_rows(t_l, num_experts, config, deterministic=deterministic)
-  if ep.dispatcher == "all_gather":
+  if ax not in axes:  # tokens replicated over the expert axis: no exchange
+    y, rows = _exchange_all_gather(xt, experts, routing.weights, params, config,
+                                   ax, gather=False)
+    stats = DispatchStats(jnp.zeros((), jnp.int32), lax.pmax(rows, axes + (ax,)),
+                          jnp.asarray(t_l * min(k, num_experts // n), jnp.int32))
+  elif ep.dispatcher == "all_gather":
     y, rows = _exchange_all_gather(xt, experts, routing.weights, params, config, ax)
     stats = DispatchStats(jnp.zeros((), jnp.int32), lax.pmax(rows, axes),
                           jnp.asarray(block, jnp.int32))
@@ -459,22 +530,36 @@ def _local_ffn(rows: Array, params: MoEParams, group_sizes: Array,
 
 
 def _exchange_all_gather(xt: Array, experts: Array, weights: Array,
-                         params: MoEParams, config: MoEConfig, axis: str):
+                         params: MoEParams, config: MoEConfig, axis: str, *,
+                         gather: bool = True):
   """All-gather tokens over the expert axis, local experts on all, reduce-scatter.
+
+  gather=False: the tokens are already the same on every device of the axis; the
+  local experts run on them and the partial outputs are summed (`psum`).
 
   Returns y [T_l, D] and the rows this device computed (int32 []).
   """
   e_l = params.w_up.shape[0]
-  gather = lambda a: lax.all_gather(a, axis, axis=0, tiled=True)
-  xg, eg, wg = gather(xt), gather(experts), gather(weights)  # n * T_l tokens
+  if gather:
+    g = lambda a: lax.all_gather(a, axis, axis=0, tiled=True)
+    xg, eg, wg = g(xt), g(experts), g(weights)  # n * T_l tokens
+  else:  # made varying over the axis, so their cotangents sum over it
+    xg, wg = (lax.pcast(a, (axis,), to="varying") for a in (xt, weights))
+    eg = experts
   local = eg - lax.axis_index(axis) * e_l  # local expert ids; others -> -1
   local = jnp.where((local >= 0) & (local < e_l), local, -1)
   # capacity = all tokens: nothing dropped, buffer min(k, E_l) * n * T_l rows.
   rows, plan = permute_lib.permute(xg, local, num_experts=e_l, capacity=xg.shape[0])
   out = _local_ffn(rows, params, plan.group_sizes, config)
-  partial = permute_lib.unpermute(out, plan, wg)  # this device's experts only
-  y = lax.psum_scatter(partial, axis, scatter_dimension=0, tiled=True)
-  return y, jnp.sum(plan.group_sizes)
+  # This device's experts only, combined and summed over the axis in float32 and
+  # rounded once: as one device's combine. (Rounding each device's partial to a
+  # bf16 x.dtype before the sum differed from one device in 31% of the outputs.)
+  partial = permute_lib.unpermute(out.astype(jnp.float32), plan, wg)
+  if gather:
+    y = lax.psum_scatter(partial, axis, scatter_dimension=0, tiled=True)
+  else:
+    y = lax.psum(partial, axis)
+  return y.astype(xt.dtype), jnp.sum(plan.group_sizes)
 
 
 class _Route(NamedTuple):

@@ -294,7 +294,7 @@ def test_jmoe_native_model_loads_into_transformers():
   """A model built (e.g. trained) in jmoe runs in transformers with its logits."""
   lm = jnn.MoETransformerLM(
       V, D, 2, 4, 16, num_experts=8, num_kv_heads=2, qk_norm="per_head",
-      moe=jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2, normalize=True)),
+      moe_config=jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2, normalize=True)),
       moe_layers=(False, True), dense_d_ff=24, rope_theta=1e4, norm_eps=1e-6,
       rngs=nnx.Rngs(0))
   config = jmoe.hf.to_transformers_config(lm, "qwen3_moe")
@@ -342,7 +342,7 @@ def test_safetensors_round_trip_without_torch(tmp_path):
   lm = jnn.MoETransformerLM(
       V, D, 2, 4, 16, num_experts=4, num_kv_heads=2, shared_d_ff=24,
       shared_gate=True, qkv_bias=True, moe_layers=(True, False), dense_d_ff=40,
-      moe=jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2)), rngs=nnx.Rngs(0))
+      moe_config=jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2)), rngs=nnx.Rngs(0))
   config = jmoe.hf.transformers_config_dict(lm, "qwen2_moe")
   sd = jmoe.hf.to_transformers_state_dict(lm, "qwen2_moe", layout="per_expert",
                                           return_tensors="np")

@@ -9,6 +9,7 @@ import pytest
 
 import jmoe
 import jmoe.linen as jlinen
+import jmoe.nn
 
 D, F, E = 16, 16, 4
 
@@ -116,3 +117,69 @@ def test_linen_moe_passes_mask_and_deterministic():
   for a, b in zip(jax.tree.leaves(outs), jax.tree.leaves(refs)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(outs[1][1].dropped_fraction) == 0.0
+
+
+class TwoMoE(nn.Module):
+  """Layers named so that call order, path order and creation differ."""
+
+  config: jmoe.MoEConfig = jmoe.MoEConfig()
+
+  @nn.compact
+  def __call__(self, x, deterministic=None):
+    y1, a1 = jlinen.MoE(F, E, config=self.config, router_bias=True,
+                        name="zeta")(x, deterministic=deterministic)
+    y2, a2 = jlinen.MoE(F, E, config=self.config, name="alpha")(x + y1)
+    y3, a3 = jlinen.MoE(F, E, config=self.config, router_bias=True,
+                        name="beta")(x + y2)
+    return y3, (a2, a3, a1)  # path order: alpha, beta, zeta
+
+
+def test_linen_aux_is_sown_collected_and_steps_biases():
+  model = TwoMoE()
+  x = jax.random.normal(jax.random.key(1), (6, D))
+  variables = model.init(jax.random.key(0), x)
+  assert "intermediates" not in variables  # init keeps only params / biases
+  (y, returned), state = jax.jit(
+      lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, x)
+  aux = jmoe.nn.collect_aux(state["intermediates"])
+  for got, want in zip(jax.tree.leaves(aux),
+                       jax.tree.leaves(jax.tree.map(lambda *a: jnp.stack(a),
+                                                    *returned))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert_total = jmoe.nn.total_aux_loss(aux, balance_coef=1.0, z_coef=0.0)
+  np.testing.assert_allclose(assert_total, sum(a.balance_loss for a in returned),
+                             rtol=1e-6)
+  # The biases (beta, zeta) stepped from their own layers' loads, by path.
+  new = jlinen.update_router_biases(variables, state, rate=0.1)
+  for name, a in (("beta", returned[1]), ("zeta", returned[2])):
+    before = nn.meta.unbox(variables)[jlinen.EXPERT_BIAS][name]["router_bias"]
+    want = jmoe.update_expert_bias(before, a.tokens_per_expert, rate=0.1)
+    np.testing.assert_array_equal(new[jlinen.EXPERT_BIAS][name]["router_bias"], want)
+  assert new["params"] is not variables["params"]
+  # A stacked record needs one row per bias.
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), returned[1], returned[2])
+  again = jlinen.update_router_biases(variables, stacked, rate=0.1)
+  np.testing.assert_array_equal(again[jlinen.EXPERT_BIAS]["zeta"]["router_bias"],
+                                new[jlinen.EXPERT_BIAS]["zeta"]["router_bias"])
+  with pytest.raises(ValueError, match=r"one row per MoE layer.*\[2, experts\]"):
+    jlinen.update_router_biases(variables, aux)  # 3 rows, 2 biases
+  with pytest.raises(ValueError, match="no router bias"):
+    jlinen.update_router_biases({"params": variables["params"]}, aux)
+
+
+def test_linen_router_noise_stream_and_deterministic():
+  config = jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2, noise_std=1.0))
+  moe = jlinen.MoE(F, E, config=config)
+  x = jax.random.normal(jax.random.key(1), (16, D))
+  variables = moe.init(jax.random.key(0), x)
+  params = jlinen.moe_params(variables)
+  load = lambda key: jmoe.moe_ffn(x, params, config, key=key)[1].tokens_per_expert
+  run = jax.jit(lambda k, det: moe.apply(variables, x, rngs={"router": k},
+                                         deterministic=det)[1].tokens_per_expert,
+                static_argnums=1)
+  key = jax.random.key(3)
+  assert not np.array_equal(run(key, False), load(None))  # noise drawn
+  np.testing.assert_array_equal(run(key, True), load(None))  # switched off
+  det = jlinen.MoE(F, E, config=config, deterministic=True)
+  np.testing.assert_array_equal(
+      det.apply(variables, x, rngs={"router": key})[1].tokens_per_expert, load(None))

@@ -261,7 +261,7 @@ def test_lm_layer_pattern_aux_and_heads():
   assert jnn.moe_layer_pattern(5, first_dense=1, every=2) == (
       False, False, True, False, True)
   cfg = jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2))
-  lm = jnn.MoETransformerLM(V, D, 3, H, F, num_experts=E, moe=cfg,
+  lm = jnn.MoETransformerLM(V, D, 3, H, F, num_experts=E, moe_config=cfg,
                             moe_layers=(True, False, True), num_kv_heads=KV,
                             rngs=nnx.Rngs(0))
   assert [b.is_moe for b in lm.blocks] == [True, False, True]
@@ -621,3 +621,121 @@ def test_sizes_as_keywords_still_work():
   attn = nnx.eval_shape(lambda: jnn.Attention(d_model=D, num_heads=H,
                                               num_kv_heads=KV, rngs=nnx.Rngs(0)))
   assert attn.config == jnn.AttentionConfig(num_heads=H, num_kv_heads=KV).resolve(D)
+
+
+# ------------------------------------------------------------------------------
+# Aux the Flax way, router noise from rngs, the moe_config keyword, activations.
+# ------------------------------------------------------------------------------
+
+
+class _TwoMoE(nnx.Module):
+  """A user model: two MoE layers (one with a router bias), named out of order."""
+
+  def __init__(self, config=jmoe.MoEConfig(), *, rngs):
+    self.zeta = jnn.MoE(D, F, E, config=config, router_bias=True, rngs=rngs)
+    self.alpha = jnn.MoE(D, F, E, config=config, rngs=rngs)
+
+  def __call__(self, x):
+    y1, a1 = self.zeta(x)
+    y2, a2 = self.alpha(x + y1)
+    return y2, (a2, a1)  # path order: alpha, zeta
+
+
+def test_aux_is_sown_collected_weighted_and_steps_biases():
+  model = _TwoMoE(rngs=nnx.Rngs(0))
+  model.zeta.router.bias[...] = jnp.array([0.3, -0.2, 0.1, 0.0])
+  x = jax.random.normal(jax.random.key(1), (3, 4, D))
+  (y, returned), inter = nnx.jit(
+      lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(model, x)
+  aux = jnn.collect_aux(inter)
+  assert aux.balance_loss.shape == (2,) and aux.tokens_per_expert.shape == (2, E)
+  _tree_equal(aux, jax.tree.map(lambda *a: jnp.stack(a), *returned))
+  assert [p for p, _ in jnn.moe_layers(model)] == [("alpha",), ("zeta",)]
+  # Outside a capture nothing is recorded: the module's state is unchanged.
+  before = nnx.graphdef(model)
+  model(x)
+  assert nnx.graphdef(model) == before and not nnx.state(model, nnx.Intermediate)
+  # The weighted total.
+  total = jnn.total_aux_loss(aux, balance_coef=0.5, z_coef=0.25)
+  assert_rel(total, 0.5 * (returned[0].balance_loss + returned[1].balance_loss)
+             + 0.25 * (returned[0].z_loss + returned[1].z_loss), what="total")
+  assert float(jnn.total_aux_loss(None)) == 0.0
+  # The bias step, from the intermediates (by path) and from the stacked record.
+  b0 = model.zeta.router.bias[...]
+  want = jmoe.update_expert_bias(b0, returned[1].tokens_per_expert, rate=0.1)
+  assert jnn.update_router_biases(model, inter, rate=0.1) == 1
+  np.testing.assert_array_equal(np.asarray(model.zeta.router.bias[...]), want)
+  model.zeta.router.bias[...] = b0
+  jnn.update_router_biases(model, aux, rate=0.1)
+  np.testing.assert_array_equal(np.asarray(model.zeta.router.bias[...]), want)
+  with pytest.raises(ValueError, match=r"one row per MoE layer.*\[2, experts\]"):
+    jnn.update_router_biases(model, aux.tokens_per_expert[:1])
+  with pytest.raises(ValueError, match="no MoE layer with a router bias"):
+    jnn.update_router_biases(model.alpha, aux)
+
+
+def test_router_noise_from_rngs_unless_deterministic():
+  config = jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=2, noise_std=1.0))
+  m = jnn.MoE(D, F, E, config=config, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (16, D))
+  call = nnx.jit(lambda m, x, **kw: m(x, **kw)[1].tokens_per_expert,
+                 static_argnames="deterministic")
+  ref = lambda key: jmoe.moe_ffn(x, m.params(), config, key=key)[1].tokens_per_expert
+  clean = ref(None)
+  # The module's stream: a fresh key each call.
+  draws = [np.asarray(call(m, x)) for _ in range(3)]
+  assert not all(np.array_equal(draws[0], d) for d in draws[1:])
+  assert not all(np.array_equal(np.asarray(clean), d) for d in draws)
+  # deterministic: at the call, or through model.eval(); train() turns it back on.
+  np.testing.assert_array_equal(call(m, x, deterministic=True), clean)
+  m.eval()
+  np.testing.assert_array_equal(call(m, x), clean)
+  m.train()
+  # An explicit key always wins (and is the moe_ffn draw).
+  key = jax.random.key(5)
+  np.testing.assert_array_equal(call(m, x, key=key), ref(key))
+  m.eval()
+  np.testing.assert_array_equal(call(m, x, key=key), ref(key))
+  # A call's own rngs.
+  np.testing.assert_array_equal(call(m, x, deterministic=False, rngs=nnx.Rngs(router=3)),
+                                ref(nnx.Rngs(router=3).router()))
+  # No noise in the config: no stream kept, nothing drawn.
+  assert jnn.MoE(D, F, E, rngs=nnx.Rngs(0)).rngs is None
+
+
+def test_moe_config_keyword_and_the_old_one():
+  config = jmoe.MoEConfig(router=jmoe.RouterConfig(top_k=1))
+  new = jnn.TransformerConfig.make(V, D, 1, H, F, num_experts=E, moe_config=config)
+  with pytest.warns(DeprecationWarning, match="`moe=` is now `moe_config=`"):
+    old = jnn.TransformerConfig.make(V, D, 1, H, F, num_experts=E, moe=config)
+  assert old == new and new.moe is new.moe_config is config
+  with pytest.warns(DeprecationWarning):
+    assert jnn.TransformerConfig(vocab_size=V, d_model=D, num_layers=1, d_ff=F,
+                                 attention=new.attention, moe=config) == new.replace(
+                                     num_experts=8)
+  with pytest.raises(TypeError, match="`moe_config` only"):
+    new.replace(moe=config, moe_config=config)
+  lm = jnn.MoETransformerLM(new, rngs=nnx.Rngs(0))
+  assert lm.blocks[0].mlp.config is config
+
+
+def test_activations_take_the_logical_axis_rules():
+  mesh = jax.make_mesh((2, 4), ("data", "expert"))
+  m = jnn.MoE(D, F, E, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (8, 4, D))
+  ref = jmoe.moe_ffn(x, m.params())[0]
+  assert jnn.ACTIVATION_AXES == ("activation_batch", "activation_length",
+                                 "activation_embed")
+  rules = (("activation_batch", "data"), ("activation_length", "expert"))
+  forward = lambda: nnx.jit(lambda m, x: m(x)[0])  # rules are read at tracing
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, jax.sharding.PartitionSpec())
+    nnx.update(m, jax.device_put(nnx.state(m), jax.sharding.PartitionSpec()))
+    y_plain = forward()(m, xs)  # no rules: the layer leaves the layout alone
+    with nnx.logical_axis_rules(rules):
+      y = forward()(m, xs)
+  assert y_plain.sharding.spec == jax.sharding.PartitionSpec(None, None, None)
+  assert y.sharding.spec == jax.sharding.PartitionSpec("data", "expert", None)
+  assert_rel(y, ref, what="constrained y")
+  with nnx.logical_axis_rules(rules), pytest.raises(ValueError, match="set_mesh"):
+    m(x)

@@ -91,11 +91,11 @@ def reference(config=CONFIG, seed=None, masked=False):
       x, p, config, key=_key(seed), mask=_mask(masked)))
 
 
-def _per_shard(x, params, config, cf, mask=None):
+def _per_shard(x, params, config, cf, mask=None, shards=SHARDS):
   """The documented all_to_all rule on one device: capacity mode on each shard."""
   cap = dataclasses.replace(config, capacity_factor=cf)
-  split = lambda a: jnp.split(a.reshape(-1, *a.shape[2:]), SHARDS)  # token order
-  ms = [None] * SHARDS if mask is None else split(jnp.asarray(mask))
+  split = lambda a: jnp.split(a.reshape(-1, *a.shape[2:]), shards)  # token order
+  ms = [None] * shards if mask is None else split(jnp.asarray(mask))
   outs = [jmoe.moe_ffn(xi, params, cap, mask=mi) for xi, mi in zip(split(x), ms)]
   # routing-only metrics: whole batch
   _, full = jmoe.moe_ffn(x, params, config, mask=mask)
@@ -201,6 +201,57 @@ def test_tokens_replicated_over_expert_axis(dispatcher):
   run(ep, x, params, ct)
 
 
+def test_batch_axes_fit_the_batch():
+  ep = parallel.ExpertParallel(mesh("2x4"))
+  assert ep.data_axes is None
+  assert ep.batch_axes() == ep.batch_axes(16) == ("data", "expert")
+  assert ep.batch_axes(2) == ep.batch_axes(6) == ("data",)
+  assert ep.batch_axes(4) == ("data",) and ep.batch_axes(1) == ()
+  assert ep.token_axes_for(2 * 8, 2) == ("data", "expert")  # 8 tokens per shard
+  assert ep.token_axes_for(2 * 3, 2) == ("data",)  # 3 tokens: replicated
+  assert ep.input_spec(2) == jax.sharding.PartitionSpec("data")
+  assert parallel.ExpertParallel(mesh("4x2")).batch_axes(2) == ("expert",)
+  given = parallel.ExpertParallel(mesh("2x4"), data_axes="data")
+  assert given.batch_axes(8) == given.batch_axes(1) == ("data",)
+
+
+@functools.cache
+def small_reference(config, cf, shards):
+  if cf is None:
+    return reference(config)
+  return _value_and_grads(lambda x, p: _per_shard(x, p, config, cf, shards=shards))
+
+
+@pytest.mark.parametrize("dispatcher,mesh_name,shape,shards", [
+    # over "data"; 3 tokens per shard: not over "expert"
+    ("dropless", "2x4", (2, 3, D), 2),
+    ("all_to_all", "2x4", (2, 3, D), 2),
+    # a batch of 1: every device holds the same 5 tokens
+    ("all_gather", "8", (1, 5, D), 1),
+])
+def test_small_batches_replicate_tokens_over_the_expert_axis(
+    dispatcher, mesh_name, shape, shards):
+  """Batches too small to split over every device (decoding): the layer keeps
+  each batch shard's tokens on every device of the expert axis, runs its local
+  experts and sums; values, aux and gradients equal one device (for
+  "all_to_all": the per-shard rule on each batch shard)."""
+  x = jax.random.normal(jax.random.key(3), shape, jnp.float32)
+  ct = jax.random.normal(jax.random.key(4), shape, jnp.float32)
+  _, params, _ = inputs()
+  ep = make_ep(mesh_name, dispatcher)
+  assert ep.expert_axis not in ep.token_axes_for(shape[0] * shape[1], shape[0])
+  xs, ps = parallel.shard_inputs(x, ep), parallel.shard_params(params, ep)
+  (y, aux, stats), grads = expert_parallel(ep)(xs, ps, ct)
+  cf = ep.capacity_factor if dispatcher == "all_to_all" else None
+  (ry, raux), rgrads = small_reference(CONFIG, cf, shards)(x, params, ct)
+  assert y.sharding.is_equivalent_to(ep.input_sharding(shape[0]), y.ndim)
+  assert_rel(y, ry, jnp.float32, "y")
+  assert_tree_rel(aux, raux, jnp.float32, "aux")
+  assert_tree_rel(grads, rgrads, jnp.float32, "grads")
+  assert int(stats.fallback) == 0
+  assert int(stats.max_block_rows) <= int(stats.block_rows)
+
+
 @pytest.mark.parametrize("dispatcher", ["dropless", "all_gather"])
 def test_exact_dispatchers_follow_global_capacity(dispatcher):
   """MoEConfig.capacity_factor under an exact dispatcher: the single-device
@@ -274,6 +325,22 @@ def test_bfloat16_and_auto_mesh():
   assert_rel(aux.balance_loss, raux.balance_loss, jnp.float32, "bf16 balance")
 
 
+def test_bfloat16_outputs_equal_one_device_bitwise():
+  """bf16 x and weights: every dispatcher, and the small-batch path, give one
+  device's output bit for bit (partial combines are summed in float32)."""
+  x, params, _ = inputs()
+  x = x.astype(jnp.bfloat16)
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  for ep, xi in ((make_ep("2x4", "all_gather"), x),
+                 (make_ep("2x4", "dropless"), x),
+                 (make_ep("2x4", "dropless"), x[:2, :3])):
+    y, _ = jax.jit(ep.moe_ffn)(parallel.shard_inputs(xi, ep),
+                               parallel.shard_params(params, ep))
+    ry, _ = jax.jit(jmoe.moe_ffn)(xi, params)
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(ry, np.float32))
+
+
 def test_nonfinite_tokens_are_counted_globally():
   x, params, _ = inputs()
   x = x.at[3, 1, 0].set(jnp.nan).at[12, 0, 5].set(jnp.inf)
@@ -309,14 +376,11 @@ def test_error_experts_not_divisible():
     ep.moe_ffn(x, params)
 
 
-def test_error_tokens_not_divisible():
+def test_error_batch_not_divisible_by_given_data_axes():
   _, params, _ = inputs()
-  ep = parallel.ExpertParallel(mesh("8"))
+  ep = parallel.ExpertParallel(mesh("8"), data_axes="expert")
   with pytest.raises(ValueError, match=r"leading dimension \(12.*data_axes.*\(8\)"):
     ep.moe_ffn(jnp.zeros((12, D)), params)
-  ep = parallel.ExpertParallel(mesh("2x4"), data_axes="data")
-  with pytest.raises(ValueError, match=r"tokens \(6.*token shards \(8"):
-    ep.moe_ffn(jnp.zeros((2, 3, D)), params)
 
 
 def test_error_unknown_axes():

@@ -381,8 +381,9 @@ def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
     # collectives is jmoe.parallel.
     out_sharding = (jax.typeof(x).sharding.spec,
                     MoEAux.filled(jax.sharding.PartitionSpec()))
-    return jax.sharding.auto_axes(body, axes=explicit,
-                                  out_sharding=out_sharding)(x, params, mask)
+    with jax.sharding.use_abstract_mesh(jax.typeof(x).sharding.mesh):
+      return jax.sharding.auto_axes(body, axes=explicit,
+                                    out_sharding=out_sharding)(x, params, mask)
   return body(x, params, mask)
 
 

@@ -3,6 +3,12 @@
 
 Their variables are the rows of `jmoe.MOE_PARAMS` (and `jmoe.FFN_PARAMS`), created
 from the table in its order; `params()` reads them back as `jmoe.MoEParams`.
+
+`MoE` records its aux in the `nnx.Intermediate` collection under `AUX_NAME`
+("moe_aux") when called inside `nnx.capture(..., nnx.Intermediate)` (and only
+then: outside a capture it stores nothing), draws router noise from its `nnx.Rngs`
+stream unless `deterministic`, and constrains its input and output to the logical
+activation axes `ACTIVATION_AXES` when `nnx.logical_axis_rules` are active.
 """
 
 from __future__ import annotations
@@ -17,9 +23,36 @@ from jmoe._src import moe as moe_lib
 from jmoe._src import params as params_lib
 from jmoe._src import routing as routing_lib
 from jmoe._src.nn.variables import ExpertBias, Initializer, check_features
-from jmoe._src.nn.variables import fan_in_init, table_variable, value_or_none
+from jmoe._src.nn.variables import constrain_activation, fan_in_init
+from jmoe._src.nn.variables import table_variable, value_or_none
 
 Array = jax.Array
+
+AUX_NAME = "moe_aux"  # the name MoE layers sow their aux under (NNX and Linen)
+ROUTER_RNG = "router"  # the rng stream of router noise (NNX and Linen)
+
+
+def has_noise(config: routing_lib.RouterConfig) -> bool:
+  """Whether routing with `config` draws random numbers (jitter or noise)."""
+  return config.jitter_eps > 0 or config.noise_std > 0
+
+
+def sow_aux(module: nnx.Module, aux) -> None:
+  """Records `aux` in `module`'s `nnx.Intermediate` "moe_aux" when a
+  `nnx.capture` is collecting that module's intermediates; a no-op otherwise (so
+  plain calls keep the module's state unchanged)."""
+  if hasattr(module, "__captures__"):  # set by nnx.capture for its duration
+    module.sow(nnx.Intermediate, AUX_NAME, aux)
+
+
+def _router_stream(rngs: nnx.Rngs | None, config: routing_lib.RouterConfig):
+  """A fork of the "router" stream (or "default") for noisy routers, else None."""
+  if rngs is None or not has_noise(config):
+    return nnx.data(None)
+  try:
+    return rngs[ROUTER_RNG].fork()
+  except KeyError:  # no "router" and no "default" stream: explicit keys only
+    return nnx.data(None)
 
 
 def _update_bias(fn: str, bias: ExpertBias | None, tokens_per_expert: Array,
@@ -153,7 +186,12 @@ class MoE(nnx.Module):
     kernel_init: initializer of every weight, `(key, shape, dtype)`; the default
       scales by the fan-in shape[-2].
     eager_sharding: create parameters already sharded (see the module docstring).
-    rngs: `nnx.Rngs` with a `params` stream.
+    deterministic: no router noise unless a `key` is passed (as `nnx.Dropout`;
+      `model.eval()` / `model.train()` set it). False (default): a router config
+      with jitter / noise draws it from the stream below.
+    rngs: `nnx.Rngs` with a `params` stream. For a router config with noise, the
+      module keeps a fork of its "router" stream (or "default"; neither: noise
+      only from explicit keys).
     **options: the layer's optional parts, fields of `jmoe.MoELayout`:
       shared_d_ff: width of the shared expert(s); 0 for none.
       shared_gate: scale the shared output by sigmoid(x @ shared_gate)
@@ -166,7 +204,8 @@ class MoE(nnx.Module):
                config: moe_lib.MoEConfig = moe_lib.MoEConfig(),
                parallel: Any = None, dtype=None, param_dtype=jnp.float32,
                kernel_init: Initializer = fan_in_init,
-               eager_sharding: bool = False, rngs: nnx.Rngs, **options):
+               eager_sharding: bool = False, deterministic: bool = False,
+               rngs: nnx.Rngs, **options):
     if not isinstance(config, moe_lib.MoEConfig):
       raise TypeError(f"MoE: `config` must be a MoEConfig; got {type(config)}.")
     unknown = sorted(set(options) - set(params_lib.LAYOUT_OPTIONS))
@@ -188,6 +227,8 @@ class MoE(nnx.Module):
     self.config = config
     self.parallel = nnx.static(parallel)
     self.dtype = dtype
+    self.deterministic = deterministic
+    self.rngs = _router_stream(rngs, config.router)
     common = dict(param_dtype=param_dtype, kernel_init=kernel_init,
                   eager_sharding=eager_sharding, rngs=rngs)
     submodules = {  # the rows with a two-part NNX path live in these
@@ -252,31 +293,60 @@ class MoE(nnx.Module):
 
   def __call__(self, x: Array, *, key: Array | None = None,
                mask: Array | None = None,
-               deterministic: bool = False) -> tuple[Array, moe_lib.MoEAux]:
+               deterministic: bool | None = None,
+               rngs: nnx.Rngs | None = None) -> tuple[Array, moe_lib.MoEAux]:
     """y, aux = moe(x).
+
+    Router noise (only for a config with jitter / noise): an explicit `key`
+    always; else none when deterministic (the argument, or the module's
+    attribute); else a key from `rngs` (its "router" or "default" stream) or from
+    the module's own stream; else none.
 
     Args:
       x: [..., d_model] activations.
-      key: PRNG key for router jitter / noise (training); None: no noise.
+      key: PRNG key for router jitter / noise.
       mask: optional bool [...] (x.shape[:-1]), True for real tokens: masked
         ones are not dispatched, give zeros and count in no loss (see
         `jmoe.moe_ffn`).
-      deterministic: evaluation: the config's `eval_capacity_factor`, no noise.
+      deterministic: overrides the module's `deterministic` for this call.
+        Deterministic means evaluation: the config's `eval_capacity_factor` and
+        no router noise (an explicit `key` included), as `jmoe.moe_ffn`.
+      rngs: `nnx.Rngs` to draw the noise key from instead of the module's stream.
 
     Returns:
       y: [..., d_model] in the compute dtype.
-      aux: `jmoe.MoEAux` of this call.
+      aux: `jmoe.MoEAux` of this call (also sown as "moe_aux", see the module
+        docstring).
     """
     check_features("MoE", x, self.d_model)
     if self.dtype is not None:
       x = x.astype(self.dtype)
+    det = bool(self.deterministic if deterministic is None else deterministic)
+    key = self._noise_key(key, det, rngs)
     kw = {"key": key}
     if mask is not None:
       kw["mask"] = mask
-    if deterministic:
+    if det:
       kw["deterministic"] = True
+    x = constrain_activation(x)
     layer = moe_lib.moe_ffn if self.parallel is None else self.parallel.moe_ffn
-    return layer(x, self.params(), self.config, **kw)
+    y, aux = layer(x, self.params(), self.config, **kw)
+    sow_aux(self, aux)
+    return constrain_activation(y), aux
+
+  def _noise_key(self, key, deterministic: bool, rngs):
+    if key is not None or not has_noise(self.config.router):
+      return key
+    if deterministic:
+      return None
+    if rngs is not None:
+      return rngs[ROUTER_RNG]()
+    return None if self.rngs is None else self.rngs()
+
+  def set_view(self, deterministic: bool | None = None):
+    """For `nnx.view`: deterministic=True switches router noise off."""
+    if deterministic is not None:
+      self.deterministic = deterministic
 
   def update_bias(self, tokens_per_expert: Array, *, rate: float = 1e-3) -> None:
     """One `jmoe.update_expert_bias` step of the router bias from the load [E]."""

@@ -9,20 +9,22 @@ model presets are classmethods returning values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
+import warnings
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jmoe._src import checks
 from jmoe._src import moe as moe_lib
 from jmoe._src import params as params_lib
 from jmoe._src import routing as routing_lib
+from jmoe._src.nn import aux as aux_lib
 from jmoe._src.nn.attention import Attention, AttentionConfig
 from jmoe._src.nn.moe import FeedForward, MoE
-from jmoe._src.nn.variables import fan_in_init, param, token_sharding
+from jmoe._src.nn.variables import fan_in_init, param
 
 Array = jax.Array
 
@@ -63,8 +65,9 @@ class TransformerConfig:
     attention: the `AttentionConfig` of every layer.
     d_ff: each expert's hidden width.
     num_experts: E (0: every layer is dense).
-    moe: the `jmoe.MoEConfig` of the MoE layers; its activation is also the dense
-      layers'.
+    moe_config: the `jmoe.MoEConfig` of the MoE layers (`config` of each
+      `jmoe.nn.MoE`); its activation is also the dense layers'. (The old keyword
+      `moe=` still works, with a DeprecationWarning; `.moe` reads it.)
     moe_layers: one bool per layer (True: MoE); None:
       `moe_layer_pattern(num_layers, first_dense=first_dense)` (all dense when
       num_experts == 0). `layer_is_moe` is the resolved tuple.
@@ -84,7 +87,7 @@ class TransformerConfig:
   attention: AttentionConfig
   d_ff: int
   num_experts: int = 8
-  moe: moe_lib.MoEConfig = moe_lib.MoEConfig()
+  moe_config: moe_lib.MoEConfig = moe_lib.MoEConfig()
   moe_layers: tuple[bool, ...] | None = None
   first_dense: int = 0
   dense_d_ff: int | None = None
@@ -100,8 +103,9 @@ class TransformerConfig:
       raise TypeError(
           f"{fn}: `attention` must be an AttentionConfig; got"
           f" {type(self.attention)}.")
-    if not isinstance(self.moe, moe_lib.MoEConfig):
-      raise TypeError(f"{fn}: `moe` must be a MoEConfig; got {type(self.moe)}.")
+    if not isinstance(self.moe_config, moe_lib.MoEConfig):
+      raise TypeError(f"{fn}: `moe_config` must be a MoEConfig; got"
+                      f" {type(self.moe_config)}.")
     for name in ("vocab_size", "d_model", "num_layers", "d_ff"):
       v = getattr(self, name)
       if not isinstance(v, int) or v <= 0:
@@ -122,6 +126,11 @@ class TransformerConfig:
       self.moe_layout()  # checks the MoE layers' options
 
   @property
+  def moe(self) -> moe_lib.MoEConfig:
+    """The old name of `moe_config`."""
+    return self.moe_config
+
+  @property
   def layer_is_moe(self) -> tuple[bool, ...]:
     """One bool per layer: True for an MoE layer."""
     if self.moe_layers is not None:
@@ -133,7 +142,7 @@ class TransformerConfig:
   @property
   def dense_width(self) -> int:
     """The dense layers' FFN width."""
-    return self.d_ff * self.moe.top_k if self.dense_d_ff is None else self.dense_d_ff
+    return self.d_ff * self.moe_config.top_k if self.dense_d_ff is None else self.dense_d_ff
 
   @property
   def attention_config(self) -> AttentionConfig:
@@ -145,7 +154,7 @@ class TransformerConfig:
     try:
       return params_lib.MoELayout(
           d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts,
-          glu=moe_lib.is_glu(self.moe.activation), shared_d_ff=self.shared_d_ff,
+          glu=moe_lib.is_glu(self.moe_config.activation), shared_d_ff=self.shared_d_ff,
           shared_gate=self.shared_gate, router_bias=self.router_bias)
     except ValueError as err:
       raise ValueError(f"TransformerConfig: {err}") from None
@@ -160,6 +169,7 @@ class TransformerConfig:
 
       TransformerConfig.make(vocab, 512, 8, 8, 1024, num_kv_heads=2, num_experts=8)
     """
+    options = _renamed_moe_keyword(options, "TransformerConfig.make")
     own = {f.name for f in dataclasses.fields(cls)}
     attention = {k: options.pop(k) for k in list(options)
                  if k in _ATTENTION_FIELDS and k not in own}
@@ -171,6 +181,7 @@ class TransformerConfig:
   def replace(self, **options) -> TransformerConfig:
     """A copy with fields replaced; attention fields (`num_heads`, `qk_norm`,
     ...) replace the attention's."""
+    options = _renamed_moe_keyword(options, "TransformerConfig.replace")
     own = {f.name for f in dataclasses.fields(self)}
     attention = {k: options.pop(k) for k in list(options)
                  if k in _ATTENTION_FIELDS and k not in own}
@@ -188,7 +199,7 @@ class TransformerConfig:
     return cls(vocab_size=32000, d_model=4096, num_layers=32, d_ff=14336,
                attention=AttentionConfig(num_heads=32, num_kv_heads=8,
                                          rope_theta=1e6),
-               num_experts=8, moe=moe_lib.MoEConfig(
+               num_experts=8, moe_config=moe_lib.MoEConfig(
                    router=routing_lib.RouterConfig(top_k=2, normalize=True)),
                norm_eps=1e-5)
 
@@ -199,7 +210,7 @@ class TransformerConfig:
                attention=AttentionConfig(num_heads=32, num_kv_heads=4,
                                          head_dim=128, rope_theta=1e6,
                                          qk_norm="per_head"),
-               num_experts=128, moe=moe_lib.MoEConfig(
+               num_experts=128, moe_config=moe_lib.MoEConfig(
                    router=routing_lib.RouterConfig(top_k=8, normalize=True)),
                norm_eps=1e-6)
 
@@ -208,9 +219,33 @@ class TransformerConfig:
     """OLMoE-1B-7B: 6.9B parameters, 1.3B active; top-8 of 64 experts."""
     return cls(vocab_size=50304, d_model=2048, num_layers=16, d_ff=1024,
                attention=AttentionConfig(num_heads=16, qk_norm="full"),
-               num_experts=64, moe=moe_lib.MoEConfig(
+               num_experts=64, moe_config=moe_lib.MoEConfig(
                    router=routing_lib.RouterConfig(top_k=8)),
                norm_eps=1e-5)
+
+
+def _renamed_moe_keyword(options: dict, fn: str) -> dict:
+  """`moe=` -> `moe_config=`, with a DeprecationWarning."""
+  if "moe" in options:
+    if "moe_config" in options:
+      raise TypeError(f"{fn}: pass `moe_config` only (`moe` is its old name).")
+    warnings.warn(f"{fn}: `moe=` is now `moe_config=` (the MoEConfig of the MoE"
+                  " layers).", DeprecationWarning, stacklevel=3)
+    options = dict(options)
+    options["moe_config"] = options.pop("moe")
+  return options
+
+
+_dataclass_init = TransformerConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _config_init(self, *args, **options):
+  _dataclass_init(self, *args,
+                  **_renamed_moe_keyword(options, "TransformerConfig"))
+
+
+TransformerConfig.__init__ = _config_init
 
 
 class TransformerBlock(nnx.Module):
@@ -255,19 +290,22 @@ class TransformerBlock(nnx.Module):
                                      eager_sharding, rngs)
     if self.is_moe:
       layout = config.moe_layout()
-      self.mlp = MoE(d, layout.d_ff, layout.num_experts, config=config.moe,
+      self.mlp = MoE(d, layout.d_ff, layout.num_experts, config=config.moe_config,
                      parallel=parallel, **common, **layout.options())
     else:
       self.mlp = FeedForward(d, config.dense_width,
-                             activation=config.moe.activation, **common)
+                             activation=config.moe_config.activation, **common)
 
   def __call__(self, x: Array, *, positions: Array | None = None,
-               key: Array | None = None) -> tuple[Array, moe_lib.MoEAux | None]:
-    """x [B, S, D] -> (x [B, S, D], aux: `MoEAux`, or None for a dense block)."""
+               key: Array | None = None, deterministic: bool | None = None
+               ) -> tuple[Array, moe_lib.MoEAux | None]:
+    """x [B, S, D] -> (x [B, S, D], aux: `MoEAux`, or None for a dense block).
+
+    key / deterministic: router noise of the MoE layer (see `jmoe.nn.MoE`)."""
     if self.dtype is not None:
       x = x.astype(self.dtype)
     x = x + self.attn(self.attn_norm(x).astype(x.dtype), positions=positions)
-    return self._mlp_residual(x, key)
+    return self._mlp_residual(x, key, deterministic)
 
   def decode(self, x: Array, k_cache: Array, v_cache: Array, index: Array
              ) -> tuple[Array, Array, Array]:
@@ -277,16 +315,29 @@ class TransformerBlock(nnx.Module):
       x = x.astype(self.dtype)
     a, k_cache, v_cache = self.attn.decode(self.attn_norm(x).astype(x.dtype),
                                            k_cache, v_cache, index)
-    x, _ = self._mlp_residual(x + a, None)
+    x, _ = self._mlp_residual(x + a, None, True)
     return x, k_cache, v_cache
 
-  def _mlp_residual(self, x: Array, key: Array | None):
+  def _mlp_residual(self, x: Array, key: Array | None, deterministic):
     h = self.mlp_norm(x).astype(x.dtype)
     if self.is_moe:
-      y, aux = self.mlp(h, key=key)
+      y, aux = self.mlp(h, key=key, deterministic=deterministic)
     else:
       y, aux = self.mlp(h), None
     return x + y, aux
+
+
+def _batch_like(cache: Array, tokens: Array) -> Array:
+  """A [layers, B, ...] cache resharded so that B is split as tokens' B is, when
+  tokens lie on a mesh of Explicit axes (a fresh cache is replicated); else the
+  cache as it is."""
+  sharding = jax.typeof(tokens).sharding
+  mesh = sharding.mesh
+  if getattr(mesh, "empty", True) or not any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return cache
+  spec = jax.sharding.PartitionSpec(None, sharding.spec[0])
+  return jax.sharding.reshard(cache, jax.sharding.NamedSharding(mesh, spec))
 
 
 @jax.tree_util.register_dataclass
@@ -399,14 +450,21 @@ class MoETransformerLM(nnx.Module):
     return self.config.tie_embeddings
 
   def __call__(self, tokens: Array, *, positions: Array | None = None,
-               key: Array | None = None
+               key: Array | None = None, deterministic: bool | None = None
                ) -> tuple[Array, moe_lib.MoEAux | None]:
     """logits, aux = lm(tokens).
+
+    Runs on one device or on a mesh: the embedding lookup's output takes the
+    tokens' sharding (`out_sharding`), so tokens sharded over a mesh of Explicit
+    axes (`jmoe.parallel.shard_inputs`) work as they are.
 
     Args:
       tokens: int [B, S].
       positions: int [B, S] RoPE positions; None: 0..S-1.
       key: PRNG key for router noise; split into one key per layer.
+      deterministic: router noise off (True) or on (False) for this call; None:
+        each MoE layer's `deterministic` attribute (`lm.eval()` / `lm.train()`).
+        Noise needs a router config with jitter / noise.
 
     Returns:
       logits: float32 [B, S, vocab].
@@ -415,16 +473,20 @@ class MoETransformerLM(nnx.Module):
     fn = "MoETransformerLM"
     checks.check_rank(fn, "tokens", tokens, 2, "[batch, seq]")
     checks.check_integer(fn, "tokens", tokens)
-    x = self.embed(tokens, out_sharding=token_sharding(tokens))
+    x = self._embed(tokens)
     keys = (jax.random.split(key, len(self.blocks)) if key is not None
             else [None] * len(self.blocks))
     auxes = []
     for block, k in zip(self.blocks, keys):
-      x, aux = block(x, positions=positions, key=k)
+      x, aux = block(x, positions=positions, key=k, deterministic=deterministic)
       if aux is not None:
         auxes.append(aux)
-    aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None
-    return self._logits(x), aux
+    return self._logits(x), aux_lib.stack_aux(auxes)
+
+  def _embed(self, tokens: Array) -> Array:
+    # The lookup's output is sharded like the tokens (batch dims), features
+    # unsharded: with tokens on a mesh of Explicit axes a gather cannot infer it.
+    return self.embed(tokens, out_sharding=jax.typeof(tokens).sharding)
 
   def _logits(self, x: Array) -> Array:
     h = self.final_norm(x).astype(x.dtype)
@@ -472,10 +534,11 @@ class MoETransformerLM(nnx.Module):
     if s > cache.max_len:
       raise ValueError(
           f"{fn}: {s} tokens do not fit a cache of max_len={cache.max_len}.")
-    x = self.embed(tokens, out_sharding=token_sharding(tokens))
+    x = self._embed(tokens)
+    ck, cv = _batch_like(cache.k, tokens), _batch_like(cache.v, tokens)
     ks, vs = [], []
     for i, block in enumerate(self.blocks):
-      x, k, v = block.decode(x, cache.k[i], cache.v[i], cache.index)
+      x, k, v = block.decode(x, ck[i], cv[i], cache.index)
       ks.append(k)
       vs.append(v)
     cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), index=cache.index + s)
@@ -485,20 +548,15 @@ class MoETransformerLM(nnx.Module):
     """The `MoE` modules, in layer order (the order of the stacked aux)."""
     return [b.mlp for b in self.blocks if b.is_moe]
 
-  def update_router_biases(self, tokens_per_expert: Array, *,
+  def update_router_biases(self, tokens_per_expert, *,
                            rate: float = 1e-3) -> None:
-    """One `update_expert_bias` step of every MoE layer's router bias.
+    """One `update_expert_bias` step of every MoE layer's router bias
+    (`jmoe.nn.update_router_biases(self, tokens_per_expert)`).
 
     Args:
       tokens_per_expert: [num_moe_layers, E], e.g. `aux.tokens_per_expert` of a
-        forward pass (summed over micro-batches if any).
+        forward pass (summed over micro-batches if any); or the `aux` itself, or
+        the intermediates of `nnx.capture`.
       rate: the update speed.
     """
-    layers = self.moe_blocks()
-    if np.shape(tokens_per_expert)[0] != len(layers):
-      raise ValueError(
-          f"MoETransformerLM.update_router_biases: `tokens_per_expert` must have"
-          f" shape [num_moe_layers={len(layers)}, experts]; got"
-          f" {np.shape(tokens_per_expert)}.")
-    for i, layer in enumerate(layers):
-      layer.update_bias(tokens_per_expert[i], rate=rate)
+    aux_lib.update_router_biases(self, tokens_per_expert, rate=rate)

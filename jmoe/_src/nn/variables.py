@@ -57,6 +57,10 @@ Initializer = Callable[[Array, tuple[int, ...], Any], Array]
 LOGICAL_AXES = ("embed", "expert", "mlp", "vocab", "q_heads", "kv_heads",
                 "head_dim")
 
+# The logical names of an activation x [batch, ..., d_model]: the first axis,
+# the middle ones (sequence), the last. `constrain_activation` applies them.
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
 
 class ExpertBias(nnx.Variable):
   """The selection-only router bias [E] (aux-loss-free balancing): the state rows
@@ -168,30 +172,41 @@ def table_variable(spec: params_lib.ParamSpec, sizes, *, rngs: nnx.Rngs,
                variable_type=nnx.Param if spec.trainable else ExpertBias)
 
 
-def token_sharding(tokens: Array, trailing: int = 1):
-  """The sharding of an embedding lookup of `tokens`, for `nnx.Embed`'s
-  `out_sharding`: the tokens' own sharding with `trailing` unsharded feature axes.
+def activation_names(ndim: int) -> tuple[str | None, ...]:
+  """The logical names of an activation of rank `ndim` >= 1: [..., D] ->
+  ("activation_batch", "activation_length", ..., "activation_embed"); a rank-2
+  [T, D] is ("activation_batch", "activation_embed"); axes past the second
+  sequence axis are None."""
+  batch, length, embed = ACTIVATION_AXES
+  if ndim == 1:
+    return (embed,)
+  middle = (length,) + (None,) * (ndim - 3) if ndim > 2 else ()
+  return (batch,) + middle + (embed,)
 
-  On a mesh of Explicit axes (`jax.make_mesh`'s default) JAX types the sharding of
-  every op, and a lookup of batch-sharded tokens cannot infer its output's (a
-  `ShardingTypeError` naming `.at[...].get(out_sharding=)`). Pass it:
 
-    x = self.embed(tokens, out_sharding=jmoe.nn.token_sharding(tokens))
+def constrain_activation(x: Array) -> Array:
+  """x constrained to the mesh axes its `ACTIVATION_AXES` names map to under the
+  active `nnx.logical_axis_rules` (or `flax.linen.logical_axis_rules`); x itself
+  when no rules are active or none of the names has a rule.
 
-  Returns None when `tokens` carry no Explicit mesh axes (no mesh, or Auto axes:
-  the compiler propagates shardings itself), so the same model code runs anywhere.
+  On a mesh of Explicit axes (`jax.set_mesh`) it reshards
+  (`jax.sharding.reshard`), on Auto axes it is `with_sharding_constraint`.
   """
-  try:
-    sharding = jax.typeof(tokens).sharding
-  except AttributeError:
-    return None
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or getattr(mesh, "empty", True) or not any(
-      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    return None
-  spec = tuple(sharding.spec) + (None,) * (np.ndim(tokens) - len(sharding.spec))
-  return jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(*spec, *(None,) * trailing))
+  rules = _linen.get_logical_axis_rules()
+  if not rules:
+    return x
+  spec = _linen.logical_to_mesh_axes(activation_names(np.ndim(x)), rules)
+  if all(a is None for a in spec):
+    return x
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    raise ValueError(
+        "jmoe.nn: logical axis rules for the activations need a mesh: run under"
+        " `jax.set_mesh(mesh)` (or give no rule for the names"
+        f" {ACTIVATION_AXES}).")
+  if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, spec)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def check_features(fn: str, x: Array, d_model: int) -> None:
