@@ -345,7 +345,8 @@ class ExpertParallel:
     t = math.prod(shape[:-1])
     axes = self.token_axes_for(t, shape[0])
     if self.dispatcher == "all_to_all":
-      self.shard_capacity(t // ns, e, config, deterministic=deterministic)
+      self.shard_capacity(t // self._size(axes), e, config,
+                          deterministic=deterministic)
 
     caller_spec = _explicit_spec(x, self.mesh)  # y goes back to x's layout
     x_spec, t_spec = P(batch or None), P(axes or None)
