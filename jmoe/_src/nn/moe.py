@@ -297,10 +297,11 @@ class MoE(nnx.Module):
                rngs: nnx.Rngs | None = None) -> tuple[Array, moe_lib.MoEAux]:
     """y, aux = moe(x).
 
-    Router noise (only for a config with jitter / noise): an explicit `key`
-    always; else none when deterministic (the argument, or the module's
-    attribute); else a key from `rngs` (its "router" or "default" stream) or from
-    the module's own stream; else none.
+    Router noise (only for a config with jitter / noise): none when
+    deterministic (the argument, or the module's attribute: evaluation, as
+    `jmoe.moe_ffn(deterministic=True)`, an explicit `key` included); else an
+    explicit `key`; else a key from `rngs` (its "router" or "default" stream) or
+    from the module's own stream; else none.
 
     Args:
       x: [..., d_model] activations.
