@@ -100,6 +100,8 @@ class MoE(nn.Module):
     kernel_init: initializer `(key, shape, dtype)` of every weight.
     deterministic: no router noise from the "router" rng stream (as
       `nn.Dropout`); the call's argument overrides it.
+    remat: None, True or a `jax.checkpoint` policy over the layer's named
+      intermediates (`jmoe.MOE_CHECKPOINT_NAMES`), as `jmoe.nn.MoE`'s.
   """
 
   d_ff: int
@@ -113,6 +115,7 @@ class MoE(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Callable = fan_in_init
   deterministic: bool | None = None
+  remat: Any = None
 
   @nn.compact
   def __call__(self, x: Array, *, key: Array | None = None,
@@ -168,6 +171,7 @@ class MoE(nn.Module):
       kw["deterministic"] = True
     x = constrain_activation(x)
     layer = moe_lib.moe_ffn if self.parallel is None else self.parallel.moe_ffn
+    layer = moe_lib.remat_layer(layer, self.remat)
     y, aux = layer(x, params, cfg, **kw)
     self.sow("intermediates", AUX_NAME, aux)
     return constrain_activation(y), aux

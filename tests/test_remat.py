@@ -83,3 +83,43 @@ def test_every_policy_gives_the_same_gradients(layer, policy):
        }.get(policy) or getattr(POLICIES, policy)
   got = jax.jit(jax.grad(jax.checkpoint(loss, policy=p), argnums=(0, 1)))(params, x)
   assert_tree_rel(got, want, what=policy)
+
+
+def test_modules_take_a_remat_policy():
+  """jmoe.nn.MoE / jmoe.linen.MoE(remat=policy): the policy decides what the
+  backward keeps, the gradients are those of the layer without remat."""
+  from flax import nnx
+  import jmoe.linen as jlinen
+  import jmoe.nn as jnn
+  d, f, e = 16, 32, 4
+  x = jax.random.normal(jax.random.key(0), (2, 6, d))
+  keep = POLICIES.save_only_these_names(moe_lib.UP, moe_lib.GATE)
+  with pytest.raises(TypeError, match="remat"):
+    jnn.MoE(d, f, e, remat="yes", rngs=nnx.Rngs(0))
+
+  def grads(remat):
+    model = jnn.MoE(d, f, e, remat=remat, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(model)
+
+    def loss(state, x):
+      y, aux = nnx.merge(graph, state)(x)
+      return jnp.sum(y ** 2) + aux.balance_loss
+
+    return loss, state, jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
+
+  _, _, want = grads(None)
+  for remat in (True, keep):
+    loss, state, got = grads(remat)
+    assert_tree_rel(got, want, what=f"nnx remat={remat}")
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    jax.ad_checkpoint.print_saved_residuals(loss, state, x)
+  assert f"named '{moe_lib.UP}'" in buf.getvalue()
+  assert f"named '{moe_lib.HIDDEN}'" not in buf.getvalue()
+
+  lin = lambda remat: jlinen.MoE(f, e, remat=remat)
+  variables = lin(None).init(jax.random.key(1), x)
+  lin_loss = lambda remat: lambda v, x: jnp.sum(lin(remat).apply(v, x)[0] ** 2)
+  want = jax.jit(jax.grad(lin_loss(None), argnums=(0, 1)))(variables, x)
+  got = jax.jit(jax.grad(lin_loss(keep), argnums=(0, 1)))(variables, x)
+  assert_tree_rel(got, want, what="linen remat")

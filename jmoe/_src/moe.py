@@ -387,6 +387,32 @@ def moe_ffn(x: Array, params: MoEParams, config: MoEConfig | None = None, *,
   return body(x, params, mask)
 
 
+def remat_layer(layer, remat):
+  """`layer(x, params, config, **kw)` (`moe_ffn` or a parallel layer's) under
+  `jax.checkpoint`, for the modules' `remat` option.
+
+  remat: None or False (no remat), True (`jax.checkpoint`'s default: keep only
+  the inputs, recompute the rest in the backward) or a `jax.checkpoint` policy,
+  e.g. `jax.checkpoint_policies.save_only_these_names(jmoe.MOE_CHECKPOINT_NAMES)`
+  (see `CHECKPOINT_NAMES` for what each name is).
+  """
+  if remat is None or remat is False:
+    return layer
+  if remat is not True and not callable(remat):
+    raise TypeError(
+        "`remat` must be None, a bool or a jax.checkpoint policy (e.g."
+        " jax.checkpoint_policies.save_only_these_names(...)); got"
+        f" {type(remat).__name__}.")
+  policy = None if remat is True else remat
+
+  def run(x, params, config, **kw):
+    arrays = {k: kw.pop(k) for k in ("key", "mask") if k in kw}
+    body = lambda x, params, arrays: layer(x, params, config, **arrays, **kw)
+    return jax.checkpoint(body, policy=policy)(x, params, arrays)
+
+  return run
+
+
 def _explicit_axes(x: Array) -> tuple[str, ...]:
   """Mesh axes of Explicit type in x's sharding (sharding in types), if any."""
   try:

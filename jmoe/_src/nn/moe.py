@@ -189,6 +189,11 @@ class MoE(nnx.Module):
     deterministic: no router noise unless a `key` is passed (as `nnx.Dropout`;
       `model.eval()` / `model.train()` set it). False (default): a router config
       with jitter / noise draws it from the stream below.
+    remat: rematerialise the layer in the backward (`jax.checkpoint`): None
+      (default, no remat), True (keep only the inputs) or a `jax.checkpoint`
+      policy over the layer's named intermediates, e.g.
+      `jax.checkpoint_policies.save_only_these_names("moe_up", "moe_gate")`
+      (`jmoe.MOE_CHECKPOINT_NAMES`). Gradients are the same for every choice.
     rngs: `nnx.Rngs` with a `params` stream. For a router config with noise, the
       module keeps a fork of its "router" stream (or "default"; neither: noise
       only from explicit keys).
@@ -205,7 +210,7 @@ class MoE(nnx.Module):
                parallel: Any = None, dtype=None, param_dtype=jnp.float32,
                kernel_init: Initializer = fan_in_init,
                eager_sharding: bool = False, deterministic: bool = False,
-               rngs: nnx.Rngs, **options):
+               remat: Any = None, rngs: nnx.Rngs, **options):
     if not isinstance(config, moe_lib.MoEConfig):
       raise TypeError(f"MoE: `config` must be a MoEConfig; got {type(config)}.")
     unknown = sorted(set(options) - set(params_lib.LAYOUT_OPTIONS))
@@ -228,6 +233,8 @@ class MoE(nnx.Module):
     self.parallel = nnx.static(parallel)
     self.dtype = dtype
     self.deterministic = deterministic
+    moe_lib.remat_layer(None, remat)  # validates it
+    self.remat = nnx.static(remat)
     self.rngs = _router_stream(rngs, config.router)
     common = dict(param_dtype=param_dtype, kernel_init=kernel_init,
                   eager_sharding=eager_sharding, rngs=rngs)
@@ -331,6 +338,7 @@ class MoE(nnx.Module):
       kw["deterministic"] = True
     x = constrain_activation(x)
     layer = moe_lib.moe_ffn if self.parallel is None else self.parallel.moe_ffn
+    layer = moe_lib.remat_layer(layer, self.remat)
     y, aux = layer(x, self.params(), self.config, **kw)
     sow_aux(self, aux)
     return constrain_activation(y), aux
