@@ -57,7 +57,7 @@ def gmm(
     group_offset: Array | None = None,
     *,
     implementation: Literal["xla", "reference", "pallas", "pallas_triton",
-                            "pallas_interpret", "mosaic"] | None = None,
+                            "pallas_interpret", "mosaic", "cpu"] | None = None,
 ) -> Array:
   """Grouped matmul: consecutive row blocks of `lhs` times their group's matrix.
 
@@ -89,8 +89,11 @@ def gmm(
       the work: the test oracle), "pallas" or "pallas_triton" (the Pallas-Triton
       kernels, NVIDIA GPUs), "pallas_interpret" (the same kernels interpreted, CPU
       tests), "mosaic" (the Mosaic-GPU kernels, Hopper; 16-bit float operands,
-      float32 falls back to "pallas"), or None for the best available here:
-      "mosaic" on Hopper GPUs, "pallas" on other NVIDIA GPUs, "xla" elsewhere.
+      float32 falls back to "pallas"), "cpu" (loops of dense tile products,
+      ~the routed FLOPs, where they beat "xla": at least 2 groups and 4 rows per
+      group; "xla" otherwise and for float64), or None for the best available
+      here: "mosaic" on Hopper GPUs, "pallas" on other NVIDIA GPUs, "cpu" on CPU,
+      "xla" elsewhere.
 
   Returns:
     [m, n] in `preferred_element_type`.
