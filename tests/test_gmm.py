@@ -90,12 +90,12 @@ class TestCpu(CpuCases, GmmChecks, RaggedDotPorts):
   FUZZ_EXAMPLES = 20
 
   def test_tile_heights(self):
-    """Any tile height: 1 row, an odd one, m itself and more than m (clipped)."""
+    """Any tile height: an odd one, and more than m (clipped to m: one tile)."""
     m, k, n, g = CpuCases.SHAPES["tiles"]
     lhs, rhs, dy = make_inputs(m, k, n, g, F32, seed=20)
     sizes = CpuCases.ROUTINGS["tiles"]["mixed"]
     gs, off = jnp.asarray(sizes, jnp.int32), jnp.int32(0)
-    for bm in (1, 7, m, 4 * m):
+    for bm in (7, 4 * m):
       got = fwd_bwd(lhs, rhs, gs, dy, off, impl="cpu",
                     options=ops.GmmOptions.every(CpuConfig(block_m=bm,
                                                            loops=True)))
