@@ -152,13 +152,15 @@ class TestCpu(CpuCases, GmmChecks, RaggedDotPorts):
       CpuConfig(block_m=0)
 
   def test_default_block_m(self):
-    """Powers of 2 in [16, 512] (or m when smaller), smaller with more groups."""
+    """Powers of 2 in [16, 64] (or m when smaller), smaller with fewer rows per
+    group."""
     for m, k, n, g in [(4096, 128, 128, 8), (4096, 128, 128, 64), (16, 512, 512, 8),
                        (5, 8, 8, 2), (10**6, 4096, 4096, 8)]:
       bm = default_block_m(m, k, n, g)
-      assert 1 <= bm <= min(m, 512), (m, k, n, g, bm)
-      assert bm & (bm - 1) == 0 or bm == m, bm
-    assert default_block_m(4096, 128, 128, 64) < default_block_m(4096, 128, 128, 8)
+      assert bm == m or (16 <= bm <= 64 and bm & (bm - 1) == 0), (m, g, bm)
+    assert default_block_m(4096, 128, 128, 64) == 32
+    assert default_block_m(4096, 128, 128, 8) == 64
+    assert default_block_m(5, 8, 8, 2) == 5
 
 
 class TestPallasInterpret(CpuCases, GmmChecks, RaggedDotPorts):

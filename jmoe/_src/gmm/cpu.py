@@ -7,8 +7,8 @@ groups, and inside it a `lax.fori_loop` over the group's row tiles, each one
 dense [block_m, k] x [k, n] XLA dot. The tiles are those of `tiling.row_tiles`
 (align 1): a group's tiles start at its first row, every `block_m` rows, so a
 tile never starts in another group; only the last tile of a group overhangs
-(the waste: about L * block_m / 2 rows on average). The loops cost ~5-10 us a
-step, which `default_block_m` weighs against that waste.
+(the waste: about L * block_m / 2 rows on average), which `default_block_m`
+weighs against the loops' fixed cost per step.
 
 * `gmm` (forward, and the input gradient with `transpose_rhs`): each tile
   product is written whole into a float32 output at the tile's first row
@@ -95,18 +95,22 @@ class CpuConfig:
 
 
 def default_block_m(m: int, k: int, n: int, num_local: int) -> int:
-  """Rows per tile: m / (4 L) as a power of 2 in [16, 512], at most m.
+  """Rows per tile: the largest power of 2 <= m / (2 L), clamped to [16, 64]
+  (at most m); the same for all three products.
 
-  Small enough that the unused part of each group's last tile (L * block_m / 2
-  rows on average: 1/8 of m with balanced groups) stays small, large enough
-  that a loop step's fixed cost stays below its product's. Measured on a 2-core
-  Xeon (benchmarks/NOTES.md): at k, n in 128..512 and 8 or 64 groups the
-  fastest height was within a factor 2 of this one and ~15% faster at most.
+  The unused part of each group's last tile (L * block_m / 2 rows on average)
+  stays <= 1/4 of m (1/16 at cpu-tiny's 512 rows per group), and a tile is
+  tall enough that a loop step's fixed cost and (weight gradient) its
+  [k, n] accumulation stay below its product's. Measured on a 2-core Xeon
+  (benchmarks/NOTES.md, "CPU grouped matmul"), in one sweep over m 1024-16384, k, n
+  128-512, 8 and 64 groups, heights 16-512, this one was within ~10% of the
+  fastest for every product at all but one shape (the forward at 1024 rows:
+  13%).
   """
   del k, n
-  target = max(1, m // (4 * num_local))
+  target = max(1, m // (2 * num_local))
   bm = 16
-  while bm * 2 <= min(target, 512):
+  while bm * 2 <= min(target, 64):
     bm *= 2
   return min(bm, m)
 
