@@ -71,6 +71,19 @@ CPU_SMOKE_SPECS: dict[str, GmmSpec] = {s.name: s for s in [
     GmmSpec(name="tiny_decode", rows=32, num_groups=4, k=64, n=128, decode=True),
 ]}
 
+# `--cpu` (XLA:CPU, the "cpu" backend against ragged_dot and a dense matmul).
+CPU_SPECS: dict[str, GmmSpec] = {s.name: s for s in [
+    GmmSpec(name="cpu_tiny_fwd", rows=4096, num_groups=8, k=128, n=128,
+            note="examples/train_lm.py --preset cpu-tiny: 2048 tokens x top-2,"
+                 " d_model 128, d_ff 128 (each of gate, up and down)"),
+    GmmSpec(name="cpu_tiny_fwdbwd", rows=4096, num_groups=8, k=128, n=128,
+            bwd=True, note="cpu-tiny, forward + dlhs + drhs"),
+    GmmSpec(name="cpu_wide_fwdbwd", rows=4096, num_groups=8, k=512, n=1024,
+            bwd=True, note="2048 tokens x top-2, d_model 512, d_ff 1024"),
+    GmmSpec(name="cpu_64e_fwdbwd", rows=4096, num_groups=64, k=128, n=128,
+            bwd=True, note="cpu-tiny rows over 64 experts (64 rows each)"),
+]}
+
 ROUTINGS = ("balanced", "skewed")
 
 

@@ -1,7 +1,7 @@
 """Grouped-matmul benchmark: jmoe's Pallas kernels against the ceiling and the peers.
 
   python -m benchmarks.gmm [--out FILE] [--cases NAME ...] [--routings ...]
-                           [--quick] [--cpu-smoke]
+                           [--quick] [--cpu-smoke | --cpu]
   python -m benchmarks.gmm --autotune [--tuned-out FILE] [--autotune-budget-s S]
 
 For every (case, routing, method) it checks the output against a float32 reference
@@ -17,6 +17,13 @@ than L2, median of the batch means, host timer around block_until_ready). Method
               (interpret mode with --cpu-smoke)
   mgpu        jax.experimental.pallas.ops.gpu.ragged_dot_mgpu (forward only)
   tokamax     tokamax.ragged_dot(implementation="mosaic"), when importable
+  cpu         jmoe.gmm(implementation="cpu"): the tile loops of XLA:CPU (`--cpu`)
+
+`--cpu` benchmarks XLA:CPU at the shapes of `arg_specs.CPU_SPECS` (cpu-tiny's,
+a wider and a 64-expert one): dense, ragged_dot and cpu, with more repeats (a
+shared machine's timings are noisy), and records `cpu_ms` beside `ms`: the
+process's CPU time (all threads) per launch, averaged over the timed launches,
+which contention from other processes inflates less than the wall time.
 
 Figures: ms, tflops (useful FLOPs: 2*rows*k*n forward, 3x that for fwd+bwd),
 vs_dense (dense ms / method ms), weight_tb_per_s (decode: bytes of the experts that
@@ -49,8 +56,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from benchmarks.arg_specs import (CPU_SMOKE_SPECS, ROUTINGS, SPECS, GmmSpec,
-                                  routing_sizes)
+from benchmarks.arg_specs import (CPU_SMOKE_SPECS, CPU_SPECS, ROUTINGS, SPECS,
+                                  GmmSpec, routing_sizes)
 
 import jmoe
 from jmoe._src.gmm import config as gmm_config
@@ -192,6 +199,10 @@ def build_method(method: str, spec: GmmSpec, *, interpret: bool
     f = lambda l, r, gs: jmoe.gmm(l, r, gs, implementation=impl)
     return _grouped_method(f, spec)
 
+  if method == "cpu":
+    f = lambda l, r, gs: jmoe.gmm(l, r, gs, implementation="cpu")
+    return _grouped_method(f, spec)
+
   if method == "mosaic":
     if interpret:
       raise NotImplementedError("skipped: Mosaic GPU has no CPU interpreter")
@@ -221,6 +232,7 @@ def build_method(method: str, spec: GmmSpec, *, interpret: bool
 
 
 METHODS = ("dense", "hbm_read", "ragged_dot", "mosaic", "triton", "mgpu", "tokamax")
+CPU_METHODS = ("dense", "ragged_dot", "cpu")
 
 
 # ----------------------------------------------------------------------------
@@ -272,7 +284,7 @@ def run_case(spec: GmmSpec, routings, methods, *, interpret: bool, quick: bool,
     gs = jnp.asarray(sizes)
     nonempty = int((sizes > 0).sum())
     wbytes = nonempty * spec.k * spec.n * jnp.dtype(dtype).itemsize
-    dense_ms = hbm_tbs = None
+    dense_ms = hbm_tbs = dense_cpu_ms = None
     for method in methods:
       if method == "hbm_read" and not spec.decode:
         continue
@@ -304,7 +316,8 @@ def run_case(spec: GmmSpec, routings, methods, *, interpret: bool, quick: bool,
               f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']}"
               f" s{c['num_stages']}" for c in cfgs)
         # Correctness on fresh inputs (set 0), before timing.
-        if method in ("ragged_dot", "mosaic", "triton", "jmoe", "mgpu", "tokamax"):
+        if method in ("ragged_dot", "mosaic", "triton", "jmoe", "mgpu", "tokamax",
+                      "cpu"):
           err, note = rel_err_subset(res, sets[0], sizes, spec.bwd)
           rec["rel_err"] = err
           if note:
@@ -319,10 +332,14 @@ def run_case(spec: GmmSpec, routings, methods, *, interpret: bool, quick: bool,
           rec["rel_err"] = float(jnp.linalg.norm(got - want)
                                  / jnp.linalg.norm(want))
         del res
+        reps = (3 if quick else 5) * (2 if ARGS.cpu else 1)
+        c0 = time.process_time()
         ms, iters = time_fn(call, n_sets=len(sets),
-                            target_s=0.15 if quick else 0.5,
-                            reps=3 if quick else 5)
+                            target_s=0.15 if quick else 0.5, reps=reps)
         rec.update(ms=ms, iters=iters)
+        if ARGS.cpu:  # time_fn's launches: 1 + 2 warm-up, reps x iters timed
+          rec["cpu_ms"] = ((time.process_time() - c0) * 1e3
+                           / (3 + reps * iters))
         if method == "hbm_read":
           rec["weight_tb_per_s"] = hbm_tbs = spec.weight_bytes(
               jnp.dtype(dtype).itemsize) / (ms * 1e-3) / 1e12
@@ -336,6 +353,10 @@ def run_case(spec: GmmSpec, routings, methods, *, interpret: bool, quick: bool,
           dense_ms = ms
         if dense_ms and method != "hbm_read":
           rec["vs_dense"] = dense_ms / ms
+        if method == "dense" and "cpu_ms" in rec:
+          dense_cpu_ms = rec["cpu_ms"]
+        if "cpu_ms" in rec and dense_cpu_ms:
+          rec["vs_dense_cpu_time"] = dense_cpu_ms / rec["cpu_ms"]
       except NotImplementedError as e:
         rec["error"] = str(e)
       except Exception as e:  # noqa: BLE001 - record and go on
@@ -352,6 +373,9 @@ def fmt_row(r: dict[str, Any]) -> str:
   def f(v, width, spec):
     return format("-" if v is None else format(v, spec), f">{width}")
   err = r.get("error") or r.get("note") or ""
+  if "cpu_ms" in r:
+    err = (f"cpu {r['cpu_ms']:.2f} ms ({r.get('vs_dense_cpu_time') or 0:.2f}x)"
+           f" {err}")
   return (f"{r['case']:<15} {r['routing']:<9} {r['method']:<11}"
           f" {f(r['ms'], 9, '.3f')} {f(r['tflops'], 8, '.1f')}"
           f" {f(r['vs_dense'], 6, '.2f')} {f(r['weight_tb_per_s'], 6, '.2f')}"
@@ -457,16 +481,39 @@ def write_json(path, meta, records, t_start):
   os.replace(path + ".tmp", path)
 
 
+def _cpu_model() -> str | None:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return None
+
+
+def _loadavg() -> list[float] | None:
+  """1, 5 and 15 minute load averages: how busy the (shared) machine was."""
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=None, help="JSON file for the records")
   p.add_argument("--cases", nargs="*", default=None,
                  help=f"subset of {list(SPECS)} (or of the smoke cases)")
   p.add_argument("--routings", nargs="*", default=list(ROUTINGS))
-  p.add_argument("--methods", nargs="*", default=list(METHODS))
+  p.add_argument("--methods", nargs="*", default=None,
+                 help=f"default: {list(METHODS)} ({list(CPU_METHODS)} with --cpu)")
   p.add_argument("--quick", action="store_true", help="shorter timing")
   p.add_argument("--cpu-smoke", action="store_true",
                  help="tiny shapes, Pallas interpreter: runs on CPU")
+  p.add_argument("--cpu", action="store_true",
+                 help="XLA:CPU: cpu-tiny's and larger shapes, methods"
+                      f" {list(CPU_METHODS)} (default --methods)")
   p.add_argument("--force-ragged", action="store_true",
                  help="run lax.ragged_dot even where it should run out of memory")
   p.add_argument("--autotune", action="store_true",
@@ -488,10 +535,18 @@ def main(argv=None):
   t_start = time.perf_counter()
   dev = jax.devices()[0]
   interpret = bool(args.cpu_smoke)
-  if dev.platform != "gpu" and not interpret:
-    log(f"no GPU ({dev.platform}): use --cpu-smoke for the interpreted run")
+  if args.cpu and dev.platform != "cpu":
+    log(f"--cpu benchmarks XLA:CPU; the default device here is {dev.platform}"
+        " (JAX_PLATFORMS=cpu)")
     return 2
-  table = SPECS if not args.cpu_smoke else CPU_SMOKE_SPECS
+  if dev.platform != "gpu" and not interpret and not args.cpu:
+    log(f"no GPU ({dev.platform}): use --cpu (XLA:CPU) or --cpu-smoke (the"
+        " Pallas interpreter)")
+    return 2
+  if args.methods is None:
+    args.methods = list(CPU_METHODS if args.cpu else METHODS)
+  table = (CPU_SMOKE_SPECS if args.cpu_smoke else CPU_SPECS if args.cpu
+           else SPECS)
   names = args.cases or list(table)
   unknown = [c for c in names if c not in table]
   if unknown:
@@ -507,6 +562,9 @@ def main(argv=None):
               argv=sys.argv[1:] if argv is None else list(argv),
               tuned_configs=gmm_config.tuned_path(),
               tuned_entries=len(gmm_config.tuned_table()))
+  if args.cpu:
+    meta.update(cpu_model=_cpu_model(), cpu_count=os.cpu_count(),
+                loadavg_start=_loadavg())
   log(json.dumps(meta))
   records = []
   if args.autotune:
@@ -519,6 +577,8 @@ def main(argv=None):
       records += run_case(spec, args.routings, args.methods, interpret=interpret,
                           quick=args.quick, dtype=dtype)
       write_json(args.out, meta, records, t_start)  # partial results survive
+  if args.cpu:
+    meta["loadavg_end"] = _loadavg()
   write_json(args.out, meta, records, t_start)
   if args.out:
     log(f"wrote {args.out}")

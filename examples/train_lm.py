@@ -209,10 +209,11 @@ PRESETS: dict[str, Config] = {
         seq_len=32, batch_size=8, max_bytes=1 << 20, steps=8, lr=3e-3,
         warmup_steps=2, log_every=2, eval_every=4, eval_batches=2,
         ckpt_every=4),
-    # 2 CPU cores: <= 10 minutes, held-out <= 3.0 bits per byte. On CPU, XLA's
-    # ragged_dot costs ~num_experts times the routed FLOPs, so the experts are
-    # narrow (d_ff 128; the dense twin's FFN is 256 = 2 * d_model) and the batch
-    # small: 600 steps x 2048 bytes = 1.2M bytes, 0.11 epochs of the stdlib.
+    # 2 CPU cores: <= 10 minutes, held-out <= 3.0 bits per byte. Narrow experts
+    # (d_ff 128; the dense twin's FFN is 256 = 2 * d_model) and a small batch:
+    # 600 steps x 2048 bytes = 1.2M bytes, 0.11 epochs of the stdlib. (The sizes
+    # date from XLA's ragged_dot, ~num_experts times the routed FLOPs on CPU; the
+    # "cpu" gmm backend, the CPU default since, costs about the routed FLOPs.)
     "cpu-tiny": Config(
         d_model=128, num_layers=4, num_heads=4, d_ff=128, num_experts=8,
         top_k=2, seq_len=128, batch_size=16, steps=600, lr=3e-3,

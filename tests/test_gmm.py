@@ -1,8 +1,10 @@
 """jmoe.gmm on every backend: one test base (tests/gmm_checks.py, with the ported
 peer tests of tests/gmm_ports.py) subclassed per backend, and the dispatch tests.
 
-CPU: "reference", "xla" and "pallas_interpret" (the Pallas-Triton kernels in the
-interpreter, tiles of 16/32 so that m, k and n all overhang their last tile). GPU
+CPU: "reference", "xla", "cpu" (the tile loop, 16-row tiles so that tiles
+overhang group ends and row m) and "pallas_interpret" (the Pallas-Triton kernels
+in the interpreter, tiles of 16/32 so that m, k and n all overhang their last
+tile). GPU
 (`@pytest.mark.gpu`, skipped without one): "pallas" (Triton) and "mosaic"
 (Mosaic-GPU, Hopper) at shapes where 64/128-row tiles matter, plus small odd ones.
 Kernel outputs start as NaN (`poison_outputs`) where the backend offers it, so a
@@ -20,8 +22,10 @@ import pytest
 import jmoe
 from jmoe._src.gmm import api, ops
 from jmoe._src.gmm.config import GmmConfig, heuristic_config, select_config
+from jmoe._src.gmm.cpu import CpuConfig, default_block_m
 from jmoe._src.gmm.pallas_triton import TritonConfig
-from tests.gmm_checks import BF16, F16, F32, GmmChecks, loop_oracle, make_inputs
+from tests.gmm_checks import (BF16, F16, F32, GmmChecks, check_against_oracle,
+                              fwd_bwd, loop_oracle, make_inputs)
 from tests.gmm_ports import RaggedDotPorts
 from tests.utils import assert_rel
 
@@ -81,6 +85,88 @@ class TestReference(CpuCases, GmmChecks, RaggedDotPorts):
 class TestXla(CpuCases, GmmChecks, RaggedDotPorts):
   IMPL = "xla"
   FUZZ_EXAMPLES = 30
+
+
+class TestCpu(CpuCases, GmmChecks, RaggedDotPorts):
+  """The CPU tile loop with 16-row tiles: the last tile of a group overhangs into
+  the next groups' rows, and at m = 40 or 90 the last tiles overhang row m."""
+
+  IMPL = "cpu"
+  OPTIONS = ops.GmmOptions.every(CpuConfig(block_m=16, loops=True))
+  FUZZ_EXAMPLES = 20
+
+  def test_tile_heights(self):
+    """Any tile height: an odd one, and more than m (clipped to m: one tile)."""
+    m, k, n, g = CpuCases.SHAPES["tiles"]
+    lhs, rhs, dy = make_inputs(m, k, n, g, F32, seed=20)
+    sizes = CpuCases.ROUTINGS["tiles"]["mixed"]
+    gs, off = jnp.asarray(sizes, jnp.int32), jnp.int32(0)
+    for bm in (7, 4 * m):
+      got = fwd_bwd(lhs, rhs, gs, dy, off, impl="cpu",
+                    options=ops.GmmOptions.every(CpuConfig(block_m=bm,
+                                                           loops=True)))
+      check_against_oracle(got, lhs, rhs, sizes, dy, dtype=F32,
+                           what=f"[block_m={bm}]")
+
+  def test_non_finite_rows_reach_only_their_group(self):
+    """A NaN row of lhs (or dy) spoils only its own group's output rows (weight
+    gradient): the tile products that overhang into it are discarded, and the
+    tail and other groups' rows never see it. Bitwise the same on a second run."""
+    m, k, n, g = CpuCases.SHAPES["tiles"]
+    lhs, rhs, dy = make_inputs(m, k, n, g, F32, seed=21)
+    sizes = [17, 0, 40, 3, 25]             # groups 0, 2, 3, 4; 5 tail rows
+    bad_lhs, bad_dy = 17 + 40 + 1, m - 1   # a row of group 3; a tail row
+    lhs = lhs.at[bad_lhs].set(jnp.nan)
+    dy = dy.at[bad_dy].set(jnp.nan).at[bad_lhs].set(jnp.nan)
+    gs, off = jnp.asarray(sizes, jnp.int32), jnp.int32(0)
+    got = fwd_bwd(lhs, rhs, gs, dy, off, impl="cpu", options=self.OPTIONS)
+    out, dlhs, drhs = map(np.asarray, got)
+    clean_lhs = lhs.at[bad_lhs].set(0.0)
+    clean_dy = dy.at[bad_dy].set(0.0).at[bad_lhs].set(0.0)
+    ref, dl_ref, dr_ref = loop_oracle(clean_lhs, rhs, sizes, clean_dy)
+    rows = np.arange(m) != bad_lhs
+    assert np.isnan(out[bad_lhs]).all() and np.isnan(dlhs[bad_lhs]).all()
+    assert_rel(out[rows], ref[rows], F32, "out, other rows")
+    assert_rel(dlhs[rows], dl_ref[rows], F32, "dlhs, other rows")
+    np.testing.assert_array_equal(out[sum(sizes):], 0.0)
+    np.testing.assert_array_equal(dlhs[sum(sizes):], 0.0)
+    assert np.isnan(drhs[3]).all()
+    assert_rel(drhs[[0, 1, 2, 4]], dr_ref[[0, 1, 2, 4]], F32, "drhs, other groups")
+    again = fwd_bwd(lhs, rhs, gs, dy, off, impl="cpu", options=self.OPTIONS)
+    for a, b in zip(got, again):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  def test_loops_where_they_pay(self):
+    """By default the tile loops run where they beat ragged_dot (>= 2 groups and
+    >= 4 rows per group on average), ragged_dot elsewhere; `loops` forces
+    either. Forward and both backward products follow the same rule."""
+    def lowered(m, g, config=None):
+      lhs, rhs, dy = make_inputs(m, 8, 8, g, F32)
+      gs = jnp.full((g,), m // g, jnp.int32)
+      opts = ops.GmmOptions.every(config)
+      f = lambda a, b: fwd_bwd(a, b, gs, dy, jnp.int32(0), impl="cpu",
+                               options=opts)
+      return jax.jit(f).lower(lhs, rhs).as_text()
+
+    loops = lambda text: "stablehlo.while" in text   # ragged_dot has none
+    assert loops(lowered(16, 4))                          # 4 rows per group
+    assert not loops(lowered(12, 4))                      # 3 rows per group
+    assert not loops(lowered(32, 1))                      # one group
+    assert loops(lowered(32, 1, CpuConfig(loops=True)))
+    assert not loops(lowered(16, 4, CpuConfig(loops=False)))
+    with pytest.raises(ValueError, match="block_m"):
+      CpuConfig(block_m=0)
+
+  def test_default_block_m(self):
+    """Powers of 2 in [16, 64] (or m when smaller), smaller with fewer rows per
+    group."""
+    for m, k, n, g in [(4096, 128, 128, 8), (4096, 128, 128, 64), (16, 512, 512, 8),
+                       (5, 8, 8, 2), (10**6, 4096, 4096, 8)]:
+      bm = default_block_m(m, k, n, g)
+      assert bm == m or (16 <= bm <= 64 and bm & (bm - 1) == 0), (m, g, bm)
+    assert default_block_m(4096, 128, 128, 64) == 32
+    assert default_block_m(4096, 128, 128, 8) == 64
+    assert default_block_m(5, 8, 8, 2) == 5
 
 
 class TestPallasInterpret(CpuCases, GmmChecks, RaggedDotPorts):
@@ -193,7 +279,7 @@ class TestMosaicGPU(GpuCases, GmmChecks, RaggedDotPorts):
 
 def test_implementation_names():
   assert set(api.IMPLEMENTATIONS) == {"xla", "reference", "pallas", "pallas_triton",
-                                      "pallas_interpret", "mosaic"}
+                                      "pallas_interpret", "mosaic", "cpu"}
   assert ops.canonical_name("pallas_triton") == ops.canonical_name("pallas")
   with pytest.raises(ValueError, match="implementation"):
     ops.canonical_name("cuda")
@@ -210,7 +296,7 @@ def test_implementation_names():
 
 def test_default_implementation_on_this_backend():
   if jax.devices()[0].platform == "cpu":
-    assert api.default_implementation() == "xla"
+    assert api.default_implementation() == "cpu"
   else:
     assert api.default_implementation() in ("pallas", "mosaic")
 
@@ -346,7 +432,7 @@ def test_empty_shapes_are_zeros(shape, offset):
   lhs, rhs = jnp.ones((m, k), BF16), jnp.ones((g, k, n), BF16)
   gs = jnp.full((g + (offset or 0),), 3, jnp.int32)
   off = None if offset is None else jnp.int32(offset)
-  for impl in ("xla", "pallas"):
+  for impl in ("xla", "cpu", "pallas"):
     f = lambda a, b: jmoe.gmm(a, b, gs, group_offset=off, implementation=impl)
     assert "jmoe_gmm" not in str(jax.make_jaxpr(f)(lhs, rhs))
   grad = jax.grad(lambda a, b: jnp.sum(f(a, b).astype(F32)), (0, 1))
@@ -430,7 +516,7 @@ def test_tgmm_entry_point():
   for l in range(num_local):
     rows = slice(start[offset + l], start[offset + l + 1])
     want[l] = np.asarray(lhs, np.float64)[rows].T @ np.asarray(dy, np.float64)[rows]
-  for impl in ("xla", "reference", "pallas_interpret"):
+  for impl in ("xla", "reference", "cpu", "pallas_interpret"):
     got = ops.tgmm(lhs, dy, gs, jnp.int32(offset), num_local=num_local,
                    implementation=impl)
     assert_rel(got, want, F32, impl)

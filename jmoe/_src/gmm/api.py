@@ -85,7 +85,7 @@ def gmm(
     out_sharding=None,
     *,
     implementation: Literal["xla", "reference", "pallas", "pallas_triton",
-                            "pallas_interpret", "mosaic"] | None = None,
+                            "pallas_interpret", "mosaic", "cpu"] | None = None,
 ) -> Array:
   """Grouped matmul: consecutive row blocks of `lhs` times their group's matrix.
 
@@ -166,9 +166,11 @@ def gmm(
       "reference" (dense and masked, G times the work: the test oracle), "pallas"
       or "pallas_triton" (the Pallas-Triton kernels, NVIDIA GPUs),
       "pallas_interpret" (the same kernels interpreted, CPU tests), "mosaic" (the
-      Mosaic-GPU kernels, Hopper; 16-bit float operands), or None for the best
-      available here: "mosaic" on Hopper GPUs, "pallas" on other NVIDIA GPUs,
-      "xla" elsewhere. "pallas" and "mosaic" where their kernels cannot lower
+      Mosaic-GPU kernels, Hopper; 16-bit float operands), "cpu" (XLA:CPU loops of
+      dense tile products, ~the routed FLOPs, where they beat "xla": at least 2
+      groups and 4 rows per group; "xla" otherwise and for the dtypes it does not
+      take), or None for the best available here: "mosaic" on Hopper GPUs,
+      "pallas" on other NVIDIA GPUs, "cpu" on CPU, "xla" elsewhere. "pallas" and "mosaic" where their kernels cannot lower
       (e.g. on CPU) raise a ValueError saying what to use instead.
 
   Returns:

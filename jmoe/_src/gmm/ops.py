@@ -87,12 +87,13 @@ _BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
     "pallas": ("jmoe._src.gmm.pallas_triton", {}),
     "pallas_interpret": ("jmoe._src.gmm.pallas_triton", {"interpret": True}),
     "mosaic": ("jmoe._src.gmm.pallas_mosaic_gpu", {}),
+    "cpu": ("jmoe._src.gmm.cpu", {}),
 }
 _ALIASES = {"pallas_triton": "pallas"}
 # Lowering platforms of the compiled kernels; the other backends lower anywhere.
 _PLATFORMS = {"pallas": ("cuda", "rocm"), "mosaic": ("cuda",)}
 IMPLEMENTATIONS = ("xla", "reference", "pallas", "pallas_triton",
-                   "pallas_interpret", "mosaic")
+                   "pallas_interpret", "mosaic", "cpu")
 _MOSAIC_MODULE = _BACKENDS["mosaic"][0]
 
 
@@ -254,8 +255,12 @@ def default_implementation() -> str:
   """The backend `gmm` uses when `implementation=None`: the Mosaic-GPU kernels on
   Hopper (compute capability 9.x; "pallas" while that module is absent), the
   Pallas-Triton kernels on other NVIDIA GPUs (XLA's ragged_dot does G times the
-  work there), XLA elsewhere."""
+  work there), "cpu" on CPU (the tile loops where they beat ragged_dot, which
+  does G times the work there too; ragged_dot itself for one group or under 4
+  rows per group: `cpu.loops_pay`), XLA elsewhere."""
   device = jax.devices()[0]
+  if device.platform == "cpu":
+    return "cpu"
   if device.platform != "gpu":
     return "xla"
   if _is_hopper(device) and _mosaic_present():

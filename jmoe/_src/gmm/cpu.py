@@ -1,0 +1,229 @@
+"""The grouped matmul on CPU as loops of dense tile products: a backend of `ops`.
+
+XLA:CPU runs `lax.ragged_dot` as about one dense product per group (every row
+times every group's matrix, masked), so an MoE layer pays ~experts x its routed
+FLOPs. This backend pays about the routed FLOPs: a `lax.scan` over the local
+groups, and inside it a `lax.fori_loop` over the group's row tiles, each one
+dense [block_m, k] x [k, n] XLA dot. The tiles are those of `tiling.row_tiles`
+(align 1): a group's tiles start at its first row, every `block_m` rows, so a
+tile never starts in another group; only the last tile of a group overhangs
+(the waste: about L * block_m / 2 rows on average), which `default_block_m`
+weighs against the loops' fixed cost per step.
+
+* `gmm` (forward, and the input gradient with `transpose_rhs`): each tile
+  product is written whole into a float32 output at the tile's first row
+  (`dynamic_update_slice`, in place). Rows of the tile past its group's end
+  belong to later groups, whose tiles come later and overwrite them (groups and
+  tiles run in row order), or to no local group; one select after the loops
+  zeroes every row outside the local groups (rows before them, of other groups,
+  past sum(group_sizes)). So a non-finite value in one group's rows reaches only
+  that group's output rows. lhs and the output get block_m rows of padding, so
+  no tile is shifted (a `dynamic_slice` past the end would be).
+* `tgmm` (weight gradient): per group, the float32 sum over its tiles of
+  lhs_tile^T @ dy_tile, the tile's rows past the group's end selected to zero in
+  both operands. An empty group runs no tile and gives zeros.
+
+16-bit operands are cast to float32 once, before the loops (exact; XLA:CPU
+multiplies float32 at least as fast as bfloat16 at these tile sizes), and every
+product accumulates in float32 (`preferred_element_type`); the result is cast to
+the requested dtype at the end. The loops run in a fixed order, one product at
+a time, so the result is the same bits on every run.
+
+Where the loops do not pay -- one group in all, or fewer than
+`MIN_ROWS_PER_GROUP` rows per group on average (decode: every group's weights
+are read for one or two rows, and ragged_dot's dense products cost the same)
+-- the products run on the "xla" backend (`lax.ragged_dot`), unless the config
+says otherwise. `config` is a `CpuConfig` or None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jmoe._src.gmm import tiling
+from jmoe._src.gmm import xla
+
+Array = jax.Array
+
+FALLBACK = "xla"
+
+# Below this many rows per group on average (m / len(group_sizes)), the "xla"
+# backend runs the product (benchmarks/NOTES.md: at 2 rows per group ragged_dot
+# is ~10% faster, at 8 the loops are ~3x faster).
+MIN_ROWS_PER_GROUP = 4
+
+
+def supports_dtype(dtype) -> bool:
+  """16- and 32-bit floats; others (float64) run on `FALLBACK`."""
+  dtype = jnp.dtype(dtype)
+  return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize in (2, 4)
+
+
+def supports_precision(precision, dtype) -> bool:
+  """None or `lax.Precision` values; a `DotAlgorithm(Preset)` fixes the operand
+  types, which the float32 cast would change: those run on `FALLBACK`."""
+  del dtype
+  if precision is None:
+    return True
+  values = precision if isinstance(precision, (tuple, list)) else (precision,)
+  return all(p is None or isinstance(p, (lax.Precision, str)) for p in values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CpuConfig:
+  """Options of the CPU backend (hashable: it travels in `ops.GmmOptions`).
+
+  Attributes:
+    block_m: rows per tile; None: `default_block_m(m, k, n, L)`. Clipped to m.
+    loops: True: always the tile loops; False: always "xla"; None: the loops
+      where they pay (see the module docstring).
+  """
+
+  block_m: int | None = None
+  loops: bool | None = None
+
+  def __post_init__(self):
+    if self.block_m is not None and (isinstance(self.block_m, bool)
+                                     or not isinstance(self.block_m, int)
+                                     or self.block_m < 1):
+      raise ValueError(f"CpuConfig: block_m must be a positive int or None; got"
+                       f" {self.block_m!r}.")
+
+
+def default_block_m(m: int, k: int, n: int, num_local: int) -> int:
+  """Rows per tile: the largest power of 2 <= m / (2 L), clamped to [16, 64]
+  (at most m); the same for all three products.
+
+  The unused part of each group's last tile (L * block_m / 2 rows on average)
+  stays <= 1/4 of m (1/16 at cpu-tiny's 512 rows per group), and a tile is
+  tall enough that a loop step's fixed cost and (weight gradient) its
+  [k, n] accumulation stay below its product's. Measured on a 2-core Xeon
+  (benchmarks/NOTES.md, "CPU grouped matmul"), in one sweep over m 1024-16384, k, n
+  128-512, 8 and 64 groups, heights 16-512, this one was within ~10% of the
+  fastest for every product at all but one shape (the forward at 1024 rows:
+  13%).
+  """
+  del k, n
+  target = max(1, m // (2 * num_local))
+  bm = 16
+  while bm * 2 <= min(target, 64):
+    bm *= 2
+  return min(bm, m)
+
+
+def _config(config) -> CpuConfig:
+  if config is None:
+    return CpuConfig()
+  if not isinstance(config, CpuConfig):
+    raise TypeError(f"gmm: the cpu backend's config must be a CpuConfig or None;"
+                    f" got {type(config).__name__}.")
+  return config
+
+
+def loops_pay(m: int, num_groups: int) -> bool:
+  """Whether the tile loops beat `lax.ragged_dot` on CPU (measured): at least
+  two groups in all and `MIN_ROWS_PER_GROUP` rows per group on average."""
+  return num_groups >= 2 and m >= MIN_ROWS_PER_GROUP * num_groups
+
+
+def _use_loops(cfg: CpuConfig, m: int, group_sizes) -> bool:
+  return loops_pay(m, group_sizes.shape[0]) if cfg.loops is None else cfg.loops
+
+
+def _compute_dtype(dtype, precision):
+  """float32 for 16-bit operands (unless `precision` is a dot algorithm)."""
+  if dtype.itemsize < 4 and supports_precision(precision, dtype):
+    return jnp.dtype(jnp.float32)
+  return dtype
+
+
+def _padded(x, block_m: int, dtype):
+  """x [m, c] as `dtype`, with block_m zero rows appended (tiles may overhang
+  row m)."""
+  return jnp.pad(x.astype(dtype), ((0, block_m), (0, 0)))
+
+
+def _num_tiles(start, end, block_m: int):
+  """Tiles of block_m rows covering the rows [start, end) (0 when empty)."""
+  return (end - start + block_m - 1) // block_m
+
+
+def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
+        transpose_rhs: bool, out_dtype, precision, config=None) -> Array:
+  """out[i] = lhs[i] @ rhs[l(i)] (rhs[l(i)]^T with transpose_rhs): [m, n]."""
+  cfg = _config(config)
+  m, k = lhs.shape
+  num_local = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  if not _use_loops(cfg, m, group_sizes):
+    return xla.gmm(lhs, rhs, group_sizes, group_offset,
+                   transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                   precision=precision)
+  bm = min(cfg.block_m or default_block_m(m, k, n, num_local), m)
+  cdt = _compute_dtype(lhs.dtype, precision)
+  dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+  starts, ends = tiling.group_bounds(group_sizes, m, num_local, group_offset)
+  lhs = _padded(lhs, bm, cdt)
+
+  def group(out, xs):
+    w, start, end = xs
+    w = w.astype(cdt)
+
+    def tile(j, out):
+      row = start + j * bm
+      y = lax.dot_general(lax.dynamic_slice_in_dim(lhs, row, bm, 0), w, dims,
+                          precision=precision,
+                          preferred_element_type=jnp.float32)
+      # The whole tile (see the module docstring). A float32 update straight
+      # from the dot keeps the write in place: a cast fused into it would make
+      # XLA:CPU rewrite the whole output every step.
+      return lax.dynamic_update_slice_in_dim(out, y, row, 0)
+
+    return lax.fori_loop(0, _num_tiles(start, end, bm), tile, out), None
+
+  out = lax.scan(group, jnp.zeros((m + bm, n), jnp.float32),
+                 (rhs, starts, ends))[0][:m]
+  rows = lax.iota(jnp.int32, m)[:, None]
+  local = (rows >= starts[0]) & (rows < ends[-1])
+  return jnp.where(local, out, 0.0).astype(out_dtype)
+
+
+def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
+         num_local: int, out_dtype, precision, config=None) -> Array:
+  """out[l] = lhs[rows of local group l]^T @ dy[same rows]: [L, k, n]."""
+  cfg = _config(config)
+  m, k = lhs.shape
+  n = dy.shape[1]
+  if not _use_loops(cfg, m, group_sizes):
+    return xla.tgmm(lhs, dy, group_sizes, group_offset, num_local=num_local,
+                    out_dtype=out_dtype, precision=precision)
+  bm = min(cfg.block_m or default_block_m(m, k, n, num_local), m)
+  cdt = _compute_dtype(lhs.dtype, precision)
+  starts, ends = tiling.group_bounds(group_sizes, m, num_local, group_offset)
+  lhs, dy = _padded(lhs, bm, cdt), _padded(dy, bm, cdt)
+  zero = jnp.zeros((), cdt)
+
+  def group(_, bounds):
+    start, end = bounds
+
+    def tile(j, acc):
+      row = start + j * bm
+      keep = (row + lax.iota(jnp.int32, bm) < end)[:, None]
+      x = jnp.where(keep, lax.dynamic_slice_in_dim(lhs, row, bm, 0), zero)
+      d = jnp.where(keep, lax.dynamic_slice_in_dim(dy, row, bm, 0), zero)
+      return acc + lax.dot_general(x, d, (((0,), (0,)), ((), ())),
+                                   precision=precision,
+                                   preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, _num_tiles(start, end, bm), tile,
+                        jnp.zeros((k, n), jnp.float32))
+    return None, acc
+
+  # float32 outputs of the scan, cast once after it: a cast inside the body
+  # would fuse into the scan's write of its output, which XLA:CPU then emits as
+  # a pass over the whole [L, k, n] buffer per group.
+  return lax.scan(group, None, (starts, ends))[1].astype(out_dtype)
