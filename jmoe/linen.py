@@ -43,8 +43,7 @@ from jmoe._src import moe as moe_lib
 from jmoe._src import params as params_lib
 from jmoe._src import routing as routing_lib
 from jmoe._src.nn import aux as aux_lib
-from jmoe._src.nn.moe import AUX_NAME, ROUTER_RNG
-from jmoe._src.nn.variables import constrain_activation
+from jmoe._src.nn.moe import AUX_NAME, ROUTER_RNG, run_layer
 from jmoe.nn import fan_in_init
 
 Array = jax.Array
@@ -164,17 +163,10 @@ class MoE(nn.Module):
       key = self.make_rng(ROUTER_RNG)
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    kw = {"key": key}
-    if mask is not None:
-      kw["mask"] = mask
-    if deterministic:
-      kw["deterministic"] = True
-    x = constrain_activation(x)
-    layer = moe_lib.moe_ffn if self.parallel is None else self.parallel.moe_ffn
-    layer = moe_lib.remat_layer(layer, self.remat)
-    y, aux = layer(x, params, cfg, **kw)
+    y, aux = run_layer(x, params, cfg, parallel=self.parallel, remat=self.remat,
+                       key=key, mask=mask, deterministic=deterministic)
     self.sow("intermediates", AUX_NAME, aux)
-    return constrain_activation(y), aux
+    return y, aux
 
 
 def moe_params(variables) -> moe_lib.MoEParams:

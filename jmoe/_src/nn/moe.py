@@ -154,6 +154,23 @@ class FeedForward(nnx.Module):
     return moe_lib.ffn(x, self.params(), self.activation)
 
 
+def run_layer(x: Array, params: moe_lib.MoEParams, config: moe_lib.MoEConfig, *,
+              parallel, remat, key, mask, deterministic: bool):
+  """The MoE modules' (NNX and Linen) one call of the layer: `jmoe.moe_ffn`, or
+  `parallel.moe_ffn`, under the `remat` policy, with the activations' logical
+  sharding constraints on x and y. `mask` / `deterministic=True` reach the layer
+  only when given (a `parallel=` object need not take them otherwise)."""
+  kw = {"key": key}
+  if mask is not None:
+    kw["mask"] = mask
+  if deterministic:
+    kw["deterministic"] = True
+  layer = moe_lib.moe_ffn if parallel is None else parallel.moe_ffn
+  layer = moe_lib.remat_layer(layer, remat)
+  y, aux = layer(constrain_activation(x), params, config, **kw)
+  return constrain_activation(y), aux
+
+
 class MoE(nnx.Module):
   """A Mixture-of-Experts FFN layer: a thin shell over `jmoe.moe_ffn`.
 
@@ -331,17 +348,10 @@ class MoE(nnx.Module):
       x = x.astype(self.dtype)
     det = bool(self.deterministic if deterministic is None else deterministic)
     key = self._noise_key(key, det, rngs)
-    kw = {"key": key}
-    if mask is not None:
-      kw["mask"] = mask
-    if det:
-      kw["deterministic"] = True
-    x = constrain_activation(x)
-    layer = moe_lib.moe_ffn if self.parallel is None else self.parallel.moe_ffn
-    layer = moe_lib.remat_layer(layer, self.remat)
-    y, aux = layer(x, self.params(), self.config, **kw)
+    y, aux = run_layer(x, self.params(), self.config, parallel=self.parallel,
+                       remat=self.remat, key=key, mask=mask, deterministic=det)
     sow_aux(self, aux)
-    return constrain_activation(y), aux
+    return y, aux
 
   def _noise_key(self, key, deterministic: bool, rngs):
     if key is not None or not has_noise(self.config.router):
