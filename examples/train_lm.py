@@ -219,19 +219,22 @@ PRESETS: dict[str, Config] = {
         top_k=2, seq_len=128, batch_size=16, steps=600, lr=3e-3,
         warmup_steps=60, log_every=20, eval_every=100, eval_batches=16,
         ckpt_every=200, time_budget_s=540.0),
-    # One H200: 437M total / 135M active parameters (the dense twin 135M), 32K
-    # tokens per step, 800 steps = 26M bytes (< 1 epoch of stdlib + its tests +
-    # site-packages, capped at 160 MB). Expected 2-4 minutes per run including
-    # compile; the time budget is a safety stop (--compare then trains the dense
-    # twin for the steps the MoE run made). No checkpoints (a 7 GB MoE state takes
-    # tens of seconds to write): pass --ckpt-every N to have them.
+    # One H200, a small MoE of Mixtral's shape: d_model 2048, 16 heads of 128,
+    # 8 layers, 8 experts of width 4096, top-2: 1.75B total / 538M active
+    # parameters (the dense twin 538M, FFN 8192 wide), 32K tokens per step, 700
+    # steps = 23M bytes (< 1 epoch of stdlib + its tests + site-packages, capped at
+    # 160 MB). Measured on an H200 (benchmarks/train_step_profile.py): 218 ms per
+    # MoE step, 197 ms dense, peak memory 49 / 30 GB; 3-4 minutes per run
+    # including compile. The time budget is a safety stop (--compare then trains
+    # the dense twin for the steps the MoE run made). No checkpoints (a 21 GB MoE
+    # state takes tens of seconds to write): pass --ckpt-every N to have them.
     "h200": Config(
-        d_model=1024, num_layers=8, num_heads=8, d_ff=2048, num_experts=8,
+        d_model=2048, num_layers=8, num_heads=16, d_ff=4096, num_experts=8,
         top_k=2, qk_norm="per_head", seq_len=1024, batch_size=32,
         sources=("stdlib", "stdlib-tests", "site-packages"),
-        max_bytes=160 << 20, steps=800, lr=6e-4, warmup_steps=80,
-        log_every=50, eval_every=200, eval_batches=16, ckpt_every=-1,
-        time_budget_s=210.0),
+        max_bytes=160 << 20, steps=700, lr=4e-4, warmup_steps=70,
+        log_every=50, eval_every=175, eval_batches=16, ckpt_every=-1,
+        time_budget_s=240.0),
 }
 
 
@@ -342,7 +345,8 @@ def make_steps(cfg: Config, graphdef):
 
   def loss_fn(params, inputs, targets, key):
     logits, aux = forward(params, inputs, key)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    with jax.named_scope("loss"):
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     if aux is None:  # dense baseline
       zero = jnp.zeros((), jnp.float32)
       moe = dict(balance=zero, z=zero, dropped=zero,
@@ -362,8 +366,9 @@ def make_steps(cfg: Config, graphdef):
     key, sub = jax.random.split(jax.random.wrap_key_data(state["key"]))
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], inputs, targets, sub)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
     metrics.update(loss=loss, grad_norm=_tree_norm(grads),
                    lr=schedule(state["step"]))
     new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1,

@@ -1,10 +1,12 @@
 """Tests of the Flax NNX modules (jmoe.nn): thin shells over the pure functions."""
 
 import dataclasses
+import re
 
 import flax.linen
 from flax import nnx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -740,3 +742,65 @@ def test_activations_take_the_logical_axis_rules():
   assert_rel(y, ref, what="constrained y")
   with nnx.logical_axis_rules(rules), pytest.raises(ValueError, match="set_mesh"):
     m(x)
+
+
+@pytest.mark.parametrize("vocab", [V, 5000])  # one-hot matmul / scatter-add
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embed_lookup_gradient_is_the_scatter_add(vocab, dtype):
+  """`embed_lookup`'s gradient (one-hot matmul up to ONE_HOT_EMBED_GRAD_MAX_VOCAB,
+  scatter-add above) against a numpy scatter-add of the cotangents, repeated
+  tokens and unused rows included."""
+  from jmoe._src.nn.transformer import ONE_HOT_EMBED_GRAD_MAX_VOCAB, embed_lookup
+  assert (vocab <= ONE_HOT_EMBED_GRAD_MAX_VOCAB) == (vocab == V)
+  kt, kc, ke = jax.random.split(jax.random.key(11), 3)
+  table = jax.random.normal(ke, (vocab, D)).astype(dtype)
+  # Few distinct ids (the hot-row case) and a row never used.
+  tokens = jax.random.randint(kt, (3, 40), 0, 7) * (vocab // 7)
+  ct = jax.random.normal(kc, (3, 40, D)).astype(dtype)
+  y, vjp = jax.vjp(lambda t: embed_lookup(t, tokens), table)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(table)[np.asarray(tokens)])
+  (grad,) = jax.jit(vjp)(ct)
+  assert grad.dtype == dtype and grad.shape == table.shape
+  want = np.zeros((vocab, D), np.float64)
+  np.add.at(want, np.asarray(tokens).reshape(-1),
+            np.asarray(ct, np.float64).reshape(-1, D))
+  assert_rel(grad.astype(jnp.float32), want, dtype, what="embedding gradient")
+  assert not np.asarray(grad)[1].any()  # an unused row gets zero
+
+
+def test_lm_backward_products_stay_in_the_compute_dtype():
+  """A bf16 LM's projections and FFNs keep bf16 outputs, so none of the step's
+  dot_generals outside the scopes that are float32 by design (router logits,
+  the combine's weighted sum, the lm head's float32 logits, and XLA's own
+  attention on CPU) takes a float32 operand: a float32 cotangent there runs the
+  backward GEMMs in float32 (TF32 on an H200). Also checks the named scopes
+  reach the backward's equations."""
+  cfg = jnn.TransformerConfig.make(32, 24, 1, 2, 20, num_experts=5)
+  lm = jnn.MoETransformerLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(lm, nnx.Param)
+  tokens = jnp.zeros((2, 8), jnp.int32)
+
+  def loss(p):
+    logits, aux = nnx.merge(graphdef, p)(tokens)
+    return logits.mean() + aux.balance_loss.sum()
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+  f32_dots, scopes = [], set()
+  by_design = ("router", "combine", "lm_head", "sdpa")
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      stack = str(eqn.source_info.name_stack)
+      scopes.add(stack)
+      if eqn.primitive.name == "dot_general":
+        dts = {v.aval.dtype for v in eqn.invars}
+        if (jnp.dtype(jnp.float32) in dts
+            and not set(re.split(r"[/()]", stack)) & set(by_design)):
+          f32_dots.append((stack, [v.aval.shape for v in eqn.invars]))
+    for sub in jax.extend.core.subjaxprs(jx):
+      walk(sub)
+
+  walk(jaxpr.jaxpr)
+  assert not f32_dots, f32_dots
+  for name in ("qkv_proj", "out_proj", "experts", "router", "lm_head"):
+    assert any(name in s and "transpose" in s for s in scopes), (name, scopes)

@@ -209,6 +209,9 @@ UP = "moe_up"                          # [R, F], rows @ w_up
 HIDDEN = "moe_hidden"                  # [R, F], act(gate) * up, the w_down input
 EXPERT_OUT = "moe_expert_out"          # [R, D], the expert outputs before combine
 CHECKPOINT_NAMES = (ROUTER_LOGITS, PERMUTED_ROWS, GATE, UP, HIDDEN, EXPERT_OUT)
+# `jax.named_scope`s of the layer's stages, in op metadata and profiles (the
+# training-step profile, benchmarks/train_step_profile.py, groups time by them).
+SCOPES = ("router", "dispatch", "experts", "combine", "shared_expert")
 # The dense FFN's (`ffn`; the shared expert of an MoE layer uses it too).
 FFN_GATE, FFN_UP, FFN_HIDDEN = "ffn_gate", "ffn_up", "ffn_hidden"
 
@@ -431,18 +434,26 @@ def _moe_ffn(x: Array, params: MoEParams, config: MoEConfig, key: Array | None,
   xt = x.reshape(-1, shape[-1])
   mt = None if mask is None else mask.reshape(-1)
   xt = apply_mask(xt, mt)  # masked tokens are never read
-  routing, capacity = route_tokens(xt, params, config, key, mt,
-                                   deterministic=deterministic)
-  rows, plan = permute_lib.permute(xt, routing, capacity=capacity)
+  # Named scopes (`SCOPES`) label the ops of each stage in HLO metadata and in
+  # profiles (forward and backward alike).
+  with jax.named_scope("router"):
+    routing, capacity = route_tokens(xt, params, config, key, mt,
+                                     deterministic=deterministic)
+  with jax.named_scope("dispatch"):
+    rows, plan = permute_lib.permute(xt, routing, capacity=capacity)
   rows = checkpoint_name(rows, PERMUTED_ROWS)
-  out_rows = expert_ffn(rows, params.w_up, params.w_down, params.w_gate,
-                        plan.group_sizes, config.activation,
-                        implementation=config.gmm_implementation)
+  with jax.named_scope("experts"):
+    out_rows = expert_ffn(rows, params.w_up, params.w_down, params.w_gate,
+                          plan.group_sizes, config.activation,
+                          implementation=config.gmm_implementation)
   out_rows = checkpoint_name(out_rows, EXPERT_OUT)
-  y = permute_lib.unpermute(out_rows, plan, routing.weights)
+  with jax.named_scope("combine"):
+    y = permute_lib.unpermute(out_rows, plan, routing.weights)
   if params.shared is not None:
-    y = y + shared_output(xt, params, config.activation)
-  aux = make_aux(routing, plan, config.balance_convention)
+    with jax.named_scope("shared_expert"):
+      y = y + shared_output(xt, params, config.activation)
+  with jax.named_scope("router"):
+    aux = make_aux(routing, plan, config.balance_convention)
   return apply_mask(y, mt).reshape(shape), aux
 
 

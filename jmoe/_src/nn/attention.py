@@ -57,11 +57,17 @@ def rms_norm(x: Array, scale: Array, eps: float) -> Array:
 
 
 def _proj(x: Array, w: Array, spec: str, bias: Array | None = None) -> Array:
-  """einsum(spec, x, w) with float32 accumulation (+ bias), out x.dtype."""
-  y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  """einsum(spec, x, w) in x.dtype (+ bias in float32), out x.dtype.
+
+  The product's output stays in the compute dtype (bf16 GEMMs accumulate in
+  float32 inside), as the FFNs' (`moe.ffn`, `moe.expert_ffn`) do: a float32 output
+  (`preferred_element_type`) makes the cotangent float32, so both backward GEMMs
+  of every projection ran in float32 (TF32 on an H200: 24% of the h200 training
+  step, benchmarks/NOTES.md)."""
+  y = jnp.einsum(spec, x, w.astype(x.dtype))
   if bias is not None:
-    y = y + bias.astype(jnp.float32)
-  return y.astype(x.dtype)
+    y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+  return y
 
 
 QK_NORMS = ("per_head", "full")
@@ -328,11 +334,15 @@ class Attention(nnx.Module):
       raise ValueError(
           f"{fn}: `positions` must have shape [batch, seq]=({b}, {s}); got"
           f" {positions.shape}.")
-    q, k, v = self.project_qkv(x, positions)
+    with jax.named_scope("qkv_proj"):
+      q, k, v = self.project_qkv(x, positions)
     impl = attention_implementation(self.config.implementation, q.dtype,
                                     self.head_dim)
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    return self.project_out(o)
+    with jax.named_scope("sdpa"):
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                       implementation=impl)
+    with jax.named_scope("out_proj"):
+      return self.project_out(o)
 
   def decode(self, x: Array, k_cache: Array, v_cache: Array, index: Array
              ) -> tuple[Array, Array, Array]:

@@ -304,7 +304,8 @@ class TransformerBlock(nnx.Module):
     key / deterministic: router noise of the MoE layer (see `jmoe.nn.MoE`)."""
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    x = x + self.attn(self.attn_norm(x).astype(x.dtype), positions=positions)
+    with jax.named_scope("attention"):
+      x = x + self.attn(self.attn_norm(x).astype(x.dtype), positions=positions)
     return self._mlp_residual(x, key, deterministic)
 
   def decode(self, x: Array, k_cache: Array, v_cache: Array, index: Array
@@ -319,12 +320,54 @@ class TransformerBlock(nnx.Module):
     return x, k_cache, v_cache
 
   def _mlp_residual(self, x: Array, key: Array | None, deterministic):
-    h = self.mlp_norm(x).astype(x.dtype)
-    if self.is_moe:
-      y, aux = self.mlp(h, key=key, deterministic=deterministic)
-    else:
-      y, aux = self.mlp(h), None
-    return x + y, aux
+    with jax.named_scope("moe" if self.is_moe else "mlp"):
+      h = self.mlp_norm(x).astype(x.dtype)
+      if self.is_moe:
+        y, aux = self.mlp(h, key=key, deterministic=deterministic)
+      else:
+        y, aux = self.mlp(h), None
+      return x + y, aux
+
+
+# Vocabularies up to this size take the embedding's gradient as a one-hot matmul.
+ONE_HOT_EMBED_GRAD_MAX_VOCAB = 4096
+
+
+@jax.custom_vjp
+def embed_lookup(table: Array, tokens: Array) -> Array:
+  """table[tokens]: [V, D], int [...] -> [..., D] (a gather).
+
+  Its gradient for a vocabulary of at most `ONE_HOT_EMBED_GRAD_MAX_VOCAB` is
+  one_hot(tokens)ᵀ @ cotangent, a [V, T] x [T, D] matmul with float32
+  accumulation, instead of the scatter-add that `jnp.take`'s transpose is: with a
+  small vocabulary nearly every row of the scatter hits a few hot entries, and on
+  an H200 that scatter took 20-30 ms of a 100 ms training step (examples/
+  train_lm.py's byte-level h200 preset; benchmarks/NOTES.md), the matmul ~0.1 ms.
+  Larger vocabularies keep the scatter (less contention, and the one-hot matrix
+  would be T x V). Same values either way (one nonzero term per product), but the
+  matmul rounds once where a low-precision scatter-add rounds at every add.
+  """
+  return jnp.take(table, tokens, axis=0)
+
+
+def _embed_lookup_fwd(table, tokens):
+  return jnp.take(table, tokens, axis=0), (tokens, jnp.zeros((0,), table.dtype),
+                                           table.shape[0])
+
+
+def _embed_lookup_bwd(res, ct):
+  tokens, like, vocab = res
+  if vocab > ONE_HOT_EMBED_GRAD_MAX_VOCAB:
+    grad = jnp.zeros((vocab, ct.shape[-1]), like.dtype).at[tokens].add(
+        ct.astype(like.dtype))
+  else:
+    onehot = jax.nn.one_hot(tokens.reshape(-1), vocab, dtype=ct.dtype)
+    grad = jnp.dot(onehot.T, ct.reshape(-1, ct.shape[-1]),
+                   preferred_element_type=jnp.float32).astype(like.dtype)
+  return grad, None
+
+
+embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
 def _batch_like(cache: Array, tokens: Array) -> Array:
@@ -473,20 +516,33 @@ class MoETransformerLM(nnx.Module):
     fn = "MoETransformerLM"
     checks.check_rank(fn, "tokens", tokens, 2, "[batch, seq]")
     checks.check_integer(fn, "tokens", tokens)
-    x = self._embed(tokens)
+    with jax.named_scope("embed"):
+      x = self._embed(tokens)
     keys = (jax.random.split(key, len(self.blocks)) if key is not None
             else [None] * len(self.blocks))
     auxes = []
-    for block, k in zip(self.blocks, keys):
-      x, aux = block(x, positions=positions, key=k, deterministic=deterministic)
+    for i, (block, k) in enumerate(zip(self.blocks, keys)):
+      with jax.named_scope(f"layer{i}"):
+        x, aux = block(x, positions=positions, key=k, deterministic=deterministic)
       if aux is not None:
         auxes.append(aux)
-    return self._logits(x), aux_lib.stack_aux(auxes)
+    with jax.named_scope("lm_head"):
+      logits = self._logits(x)
+    return logits, aux_lib.stack_aux(auxes)
 
   def _embed(self, tokens: Array) -> Array:
     # The lookup's output is sharded like the tokens (batch dims), features
-    # unsharded: with tokens on a mesh of Explicit axes a gather cannot infer it.
-    return self.embed(tokens, out_sharding=jax.typeof(tokens).sharding)
+    # unsharded: with tokens on a mesh of Explicit axes a gather cannot infer it
+    # (auto_axes, as nnx.Embed does).
+    table = self.embed.embedding[...]
+    if self.embed.dtype is not None:
+      table = table.astype(self.embed.dtype)
+    lookup = embed_lookup
+    sharding = jax.typeof(tokens).sharding
+    if sharding is not None and getattr(sharding, "mesh", None) is not None \
+        and not sharding.mesh.empty:
+      lookup = jax.sharding.auto_axes(embed_lookup, out_sharding=sharding)
+    return lookup(table, tokens)
 
   def _logits(self, x: Array) -> Array:
     h = self.final_norm(x).astype(x.dtype)
