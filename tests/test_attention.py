@@ -22,6 +22,7 @@ def _attention(implementation, dtype=jnp.float32, d=64, heads=4, kv=2):
                        dtype=dtype, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.cpu
 def test_option_is_validated_and_resolved_on_cpu():
   with pytest.raises(ValueError, match="implementation"):
     jnn.AttentionConfig(num_heads=4, implementation="flash")

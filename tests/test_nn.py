@@ -453,6 +453,7 @@ RULES = (("expert", "ep"), ("mlp", "tp"), ("vocab", "tp"), ("q_heads", "tp"),
          ("kv_heads", "tp"))
 
 
+@pytest.mark.cpu  # a (2, 4) mesh of the default backend's devices
 def test_logical_axes_and_partition_specs():
   P = jax.sharding.PartitionSpec
   # Metadata only: the abstract model is enough.
@@ -493,6 +494,7 @@ def test_logical_axes_and_partition_specs():
       nnx.to_flat_state(nnx.state(lm, nnx.Param)))
 
 
+@pytest.mark.cpu  # a (2, 4) mesh of the default backend's devices
 def test_sharding_a_module_lazily_and_eagerly():
   P = jax.sharding.PartitionSpec
   mesh = jax.make_mesh((2, 4), ("ep", "tp"),
@@ -722,6 +724,7 @@ def test_moe_config_keyword_and_the_old_one():
   assert lm.blocks[0].mlp.config is config
 
 
+@pytest.mark.cpu  # a (2, 4) mesh of the default backend's devices
 def test_activations_take_the_logical_axis_rules():
   mesh = jax.make_mesh((2, 4), ("data", "expert"))
   m = jnn.MoE(D, F, E, rngs=nnx.Rngs(0))

@@ -393,3 +393,19 @@ def test_examples_use_only_the_public_api():
     if name.endswith(".py"):
       with open(os.path.join(examples, name)) as f:
         assert "_src" not in f.read(), f"examples/{name} imports jmoe._src"
+
+
+def test_step_profile_attributes_the_step_to_scopes(tmp_path):
+  """benchmarks/train_step_profile.py on ci-smoke: a trace read back, every
+  named scope of the model found in it, fractions summing to one."""
+  from benchmarks import train_step_profile
+  out = train_step_profile.main([
+      "--preset", "ci-smoke", "--steps", "2", "--trace-steps", "1",
+      "--command-buffers", "--out", str(tmp_path / "p.json")])
+  rows = {r["scope"]: r for r in out["time_by_scope"]}
+  for label in ("attention core (sdpa)", "moe expert FFNs (grouped matmuls + act)",
+                "moe dispatch (plan + permute)", "optimizer (clip + AdamW)"):
+    assert rows[label]["ms_per_step"] > 0, label
+  assert abs(sum(r["fraction"] for r in rows.values()) - 1) < 1e-3
+  assert rows.get("unattributed", {"fraction": 0})["fraction"] < 0.5
+  assert json.load(open(tmp_path / "p.json"))["mode"] == "moe"
