@@ -10,6 +10,8 @@ device:
   ep_dropless_b1.25   the same with dropless_bound=1.25 (smaller blocks)
   ep_all_to_all   dispatcher="all_to_all", per-shard capacity factor 1.25
   ep_all_gather   dispatcher="all_gather"
+  ep_dropless_ragged  "dropless" with exchange="ragged_all_to_all" (--ragged-splits
+                  updates per peer; GPU only)
 Figures: ms per step, tokens/s per device, useful TFLOP/s per device (3 expert
 matmuls x 2*rows*D*F, x3 for fwd+bwd; rows = tokens x top-k), vs_1dev (baseline ms /
 ms: 1.0 = perfect scaling), rel_err of the forward output on device 0's tokens
@@ -20,9 +22,16 @@ Exchange (forward only, one direction), bytes per device:
                   all_to_all, receiver reorder; bytes = the n*B-row send buffer
   all_to_all      plain `lax.all_to_all` of the same buffer: the ceiling
   all_to_all_payload  plain `lax.all_to_all` of only the routed rows (T*k)
-  ragged_all_to_all   `lax.ragged_all_to_all` moving the same buffer (where it runs)
+  ragged_all_to_all   `lax.ragged_all_to_all` moving the same buffer, one update per
+                  peer (where it runs)
+  ragged_all_to_all_split  the same with each peer's slice split into
+                  --ragged-splits updates (`jmoe.parallel.ragged_tables`)
+  jmoe_dispatch_ragged  the dispatch half with exchange="ragged_all_to_all": only
+                  the routed rows move, in --ragged-splits updates per peer
 GB/s = buffer bytes per device / time (the self-block included, as a lax.all_to_all
-of that buffer counts it).
+of that buffer counts it). `exchange_fraction_of_all_to_all`: the plain
+all_to_all's time over the variant's, for the same n*B-row buffer (1.0 = as fast as
+moving it with lax.all_to_all).
 
 Timing: warm-up, then batches of launches rotating over input sets, median of the
 batch means (host timer around block_until_ready). JSON (device, jax_version, date,
@@ -49,6 +58,8 @@ def parse_args(argv=None):
                  help="gmm implementation (default: jmoe's best for the backend)")
   p.add_argument("--variants", nargs="*", default=None,
                  help="subset of the layer and exchange variants to run")
+  p.add_argument("--ragged-splits", type=int, default=32,
+                 help="updates per peer of the ragged variants")
   p.add_argument("--target-s", type=float, default=None,
                  help="seconds of timed launches per batch")
   return p.parse_args(argv)
@@ -81,9 +92,10 @@ from jmoe._src import moe as moe_lib  # noqa: E402
 from jmoe._src import permute as permute_lib  # noqa: E402
 
 LAYER_VARIANTS = ("1dev", "ep_dropless", "ep_dropless_b1.25", "ep_all_to_all",
-                  "ep_all_gather")
+                  "ep_all_gather", "ep_dropless_ragged")
 EXCHANGE_VARIANTS = ("jmoe_dispatch", "all_to_all", "all_to_all_payload",
-                     "ragged_all_to_all")
+                     "ragged_all_to_all", "ragged_all_to_all_split",
+                     "jmoe_dispatch_ragged")
 CAPACITY_FACTOR = 1.25
 
 
@@ -147,7 +159,8 @@ def layer_step(layer, x, params, dy):
   return y, stats, grads
 
 
-def run_layers(shape: Shape, variants, config: jmoe.MoEConfig, target_s: float):
+def run_layers(shape: Shape, variants, config: jmoe.MoEConfig, target_s: float,
+               splits: int = 32):
   devices = jax.devices()
   n = len(devices)
   dtype = jnp.dtype(shape.dtype)
@@ -183,9 +196,11 @@ def run_layers(shape: Shape, variants, config: jmoe.MoEConfig, target_s: float):
             lambda a, b: jmoe.moe_ffn(a, b, config), x, p, d))
         args = [(x, p0, dy0) for x in x0]
       else:
-        kw = dict(dispatcher=name[3:].split("_b")[0])
+        kw = dict(dispatcher=name[3:].split("_b")[0].replace("_ragged", ""))
         if name == "ep_dropless_b1.25":
           kw["dropless_bound"] = 1.25
+        if name.endswith("_ragged"):
+          kw.update(exchange="ragged_all_to_all", ragged_splits=splits)
         if kw["dispatcher"] == "all_to_all":
           kw["capacity_factor"] = CAPACITY_FACTOR
         ep = parallel.ExpertParallel(mesh, **kw)
@@ -219,7 +234,8 @@ def run_layers(shape: Shape, variants, config: jmoe.MoEConfig, target_s: float):
 # Exchange
 
 
-def run_exchange(shape: Shape, variants, config: jmoe.MoEConfig, target_s: float):
+def run_exchange(shape: Shape, variants, config: jmoe.MoEConfig, target_s: float,
+                 splits: int = 32):
   devices = jax.devices()
   n = len(devices)
   if n < 2:
@@ -248,13 +264,14 @@ def run_exchange(shape: Shape, variants, config: jmoe.MoEConfig, target_s: float
     rec = dict(kind="exchange", variant=name, rows_per_device=rows,
                bytes_per_device=rows * row_bytes, block_rows=block)
     try:
-      if name == "jmoe_dispatch":
-        def dispatch(xt, router):
+      if name in ("jmoe_dispatch", "jmoe_dispatch_ragged"):
+        def dispatch(xt, router, ragged=name.endswith("_ragged")):
           logits = moe_lib.router_logits(xt, router)
           routing = jmoe.route(logits, config.router)
           plan = permute_lib.dispatch_plan(routing.experts, shape.experts)
           out, _, _ = parallel._a2a_dispatch(xt, routing.experts, plan,
-                                             "expert", block)
+                                             "expert", block,
+                                             splits if ragged else None)
           return out
 
         fn = jax.jit(jax.shard_map(dispatch, mesh=mesh, in_specs=(spec, P()),
@@ -270,13 +287,12 @@ def run_exchange(shape: Shape, variants, config: jmoe.MoEConfig, target_s: float
                                                               shape.d_model),
                                          jnp.float32).astype(dtype)),)
                 for i in range(2)]
-      else:  # ragged_all_to_all moving the same blocks
-        def ragged(b):
-          me = lax.axis_index("expert")
-          sizes = jnp.full((n,), block, jnp.int32)
-          offsets = jnp.arange(n, dtype=jnp.int32) * block
-          return lax.ragged_all_to_all(b, jnp.zeros_like(b), offsets, sizes,
-                                       jnp.full((n,), me * block, jnp.int32), sizes,
+      else:  # ragged_all_to_all moving the same blocks (one or `splits` updates)
+        def ragged(b, per_peer=splits if name.endswith("_split") else 1):
+          full = jnp.full((n,), block, jnp.int32)
+          tables = parallel.ragged_tables(full, full, lax.axis_index("expert"),
+                                          block, per_peer)
+          return lax.ragged_all_to_all(b, jnp.zeros_like(b), *tables,
                                        axis_name="expert")
         fn = smap(ragged, 1)
         args = [(shard(jax.random.normal(jax.random.key(i), (n * rows,
@@ -293,6 +309,10 @@ def run_exchange(shape: Shape, variants, config: jmoe.MoEConfig, target_s: float
     except Exception as e:  # noqa: BLE001
       rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     records.append(rec)
+  plain = next((r.get("ms") for r in records if r["variant"] == "all_to_all"), None)
+  for r in records:
+    if plain and r.get("ms") and r["variant"] != "all_to_all_payload":
+      r["exchange_fraction_of_all_to_all"] = plain / r["ms"]
   return records
 
 
@@ -341,14 +361,15 @@ def main(args):
   dev = jax.devices()[0]
   log(f"{len(jax.devices())} x {dev.device_kind}; jax {jax.__version__}; {shape}")
   t0 = time.time()
-  records = run_layers(shape, variants, config, target_s)
-  records += run_exchange(shape, variants, config, target_s)
+  records = run_layers(shape, variants, config, target_s, args.ragged_splits)
+  records += run_exchange(shape, variants, config, target_s, args.ragged_splits)
   result = dict(
       device=dev.device_kind, platform=dev.platform, num_devices=jax.device_count(),
       jax_version=jax.__version__,
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       config=dict(dataclasses.asdict(shape), gmm_implementation=args.gmm,
-                  capacity_factor=CAPACITY_FACTOR, cpu_smoke=args.cpu_smoke),
+                  capacity_factor=CAPACITY_FACTOR, cpu_smoke=args.cpu_smoke,
+                  ragged_splits=args.ragged_splits),
       wall_s=round(time.time() - t0, 1), records=records)
   if args.out:
     with open(args.out, "w") as f:

@@ -21,10 +21,22 @@ CUDA_VISIBLE_DEVICES=0 timeout "${T_DECODE:-60}" python3 -m benchmarks.gmm --cas
   --methods dense hbm_read jmoe mgpu --quick --out "$OUT/h200_gmm_decode.json" \
   >> "$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
-step "expert parallel (2 GPUs)"
+step "expert parallel (2 GPUs), Mixtral-like"
 timeout "${T_EP:-170}" python3 -m benchmarks.ep --out "$OUT/h200x2_ep.json" \
-  --variants ${EP_VARIANTS:-1dev ep_dropless ep_all_to_all ep_all_gather all_to_all jmoe_dispatch ragged_all_to_all} \
+  --variants ${EP_VARIANTS:-1dev ep_dropless ep_dropless_ragged ep_all_to_all ep_all_gather all_to_all jmoe_dispatch jmoe_dispatch_ragged ragged_all_to_all ragged_all_to_all_split} \
   >> "$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+
+step "expert parallel (2 GPUs), DeepSeek-like (256 experts, top-8, 7168->2048)"
+timeout "${T_EP_DS:-200}" python3 -m benchmarks.ep --out "$OUT/h200x2_ep_deepseek.json" \
+  --d-model 7168 --d-ff 2048 --experts 256 --top-k 8 \
+  --variants 1dev ep_dropless ep_dropless_ragged all_to_all jmoe_dispatch jmoe_dispatch_ragged ragged_all_to_all_split \
+  >> "$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+
+step "train_lm h200, experts over both GPUs, MoE vs dense (data parallel)"
+timeout "${T_TRAIN_EP:-330}" python3 examples/train_lm.py --preset h200 --compare \
+  --expert-parallel 2 --steps 300 --no-progress --run-dir /tmp/h200_ep \
+  --out-json /tmp/h200_ep/out/h200x2_train_lm.json >> "$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+cp /tmp/h200_ep/out/h200x2_train_lm.json "$OUT/" 2>/dev/null
 
 step "train_lm MoE vs dense (GPU 0)"
 CUDA_VISIBLE_DEVICES=0 timeout "${T_TRAIN:-270}" python3 examples/train_lm.py --preset h200 \

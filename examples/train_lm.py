@@ -100,6 +100,7 @@ except ImportError:  # not installed: run from a checkout
   sys.path.insert(0, os.path.dirname(_HERE))
   import jmoe  # noqa: E402
 import jmoe.nn as jnn  # noqa: E402
+from jmoe import parallel as jpar  # noqa: E402
 
 # Datasheet dense (no sparsity) bf16/f16 tensor-core peaks, TFLOP/s, by exact
 # `device_kind`. Devices not listed (CPUs included) get no datasheet MFU, only the
@@ -138,6 +139,10 @@ class Config:
   dense: bool = False             # the dense baseline at equal active FLOPs
   dtype: str = "bfloat16"         # activations; params and router stay float32
   gmm_implementation: str | None = None  # None: jmoe's default for the backend
+  # Devices on the expert axis of a ("data", "expert") mesh over every local
+  # device (experts split over it, the batch over all devices; the dense twin runs
+  # data parallel on the same mesh). 0: one device, no mesh.
+  expert_parallel: int = 0
   # Data.
   seq_len: int = 128
   batch_size: int = 32
@@ -243,9 +248,32 @@ PRESETS: dict[str, Config] = {
 # ------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def expert_parallel(cfg_ep: int) -> jpar.ExpertParallel | None:
+  """The run's `ExpertParallel` (`Config.expert_parallel` devices on the expert
+  axis of a ("data", "expert") mesh over every local device), or None."""
+  if not cfg_ep:
+    return None
+  n = jax.device_count()
+  if n % cfg_ep:
+    raise UsageError(f"--expert-parallel {cfg_ep} must divide the {n} local"
+                     " devices.")
+  return jpar.ExpertParallel(jax.make_mesh((n // cfg_ep, cfg_ep),
+                                           ("data", "expert")))
+
+
 def build_model(cfg: Config, rngs: nnx.Rngs) -> jnn.MoETransformerLM:
   return jnn.MoETransformerLM(cfg.model_config, dtype=jnp.dtype(cfg.dtype),
-                              param_dtype=jnp.float32, rngs=rngs)
+                              param_dtype=jnp.float32, rngs=rngs,
+                              parallel=expert_parallel(cfg.expert_parallel))
+
+
+def place_batch(cfg: Config, batch) -> jax.Array:
+  """A batch of windows on the run's devices: split over the mesh's batch axes
+  under expert parallelism, else on the default device."""
+  ep = expert_parallel(cfg.expert_parallel)
+  return jnp.asarray(batch) if ep is None else jpar.shard_inputs(
+      jnp.asarray(batch), ep)
 
 
 # The routed experts' weights (group "experts" of the parameter table) by name and
@@ -314,6 +342,13 @@ def init_state(cfg: Config):
   windows consumed), key (uint32 PRNG key data).
   """
   model = build_model(cfg, nnx.Rngs(params=cfg.seed))
+  ep = expert_parallel(cfg.expert_parallel)
+  if ep is not None:  # experts over "expert", the rest replicated
+    if cfg.num_experts % ep.num_expert_shards:
+      raise UsageError(f"--expert-parallel {ep.num_expert_shards} must divide the"
+                       f" {cfg.num_experts} experts.")
+    nnx.update(model, jax.device_put(nnx.state(model), jnn.logical_shardings(
+        model, ep.mesh, (("expert", ep.expert_axis),))))
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
   opt_state = make_optimizer(cfg).init(params)
@@ -427,7 +462,11 @@ def saved_meta(run_dir: str) -> dict | None:
 def _check_resumable(meta: dict, cfg: Config, preset: str) -> None:
   """Raises UsageError unless `cfg` may continue the checkpoint of `meta`."""
   step = meta["step"]
-  saved, now = meta["config"], _config_dict(cfg)
+  # A field the checkpoint predates counts as its default (a run saved before the
+  # field existed ran with it).
+  defaults = _config_dict(Config())
+  saved = dict({k: v for k, v in defaults.items()}, **meta["config"])
+  now = _config_dict(cfg)
   diff = sorted(k for k in set(saved) | set(now)
                 if k not in _RESUMABLE_FIELDS and saved.get(k) != now.get(k))
   if diff:
@@ -815,7 +854,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   n_eval_batches = max(1, min(cfg.eval_batches, len(corpus.heldout) // eval_bs))
   eval_windows = corpus.heldout[lm_data.eval_indices(
       len(corpus.heldout), n_eval_batches * eval_bs)]
-  eval_set = [jnp.asarray(b) for b in eval_windows.reshape(
+  eval_set = [place_batch(cfg, b) for b in eval_windows.reshape(
       n_eval_batches, eval_bs, cfg.seq_len + 1)]
   baseline = lm_data.unigram_bits_per_byte(eval_windows[:, 1:])
   info = corpus.info
@@ -829,7 +868,7 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
 
   def batch_at(step: int):
     idx = lm_data.batch_indices(cfg.seed, step, cfg.batch_size, n_train)
-    return jnp.asarray(corpus.train[idx])
+    return place_batch(cfg, corpus.train[idx])
 
   # Model and state.
   t0 = time.perf_counter()
@@ -975,12 +1014,15 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
   tokens_per_s = (sum(n for n, _ in steady) * tokens_per_step
                   / max(sum(t for _, t in steady), 1e-9) if steady else float("nan"))
   mm = matmul_tflops(jnp.dtype(cfg.dtype)) if measure_matmul else None
-  achieved = tokens_per_s * fpt
+  ep = expert_parallel(cfg.expert_parallel)
+  devices_used = 1 if ep is None else ep.mesh.size
+  achieved = tokens_per_s * fpt / devices_used  # per device
   dev = jax.devices()[0]
   peak = peak_tflops(dev.device_kind, cfg.dtype)
   results = dict(
       device_kind=dev.device_kind, platform=dev.platform,
-      num_devices=jax.device_count(), jax_version=jax.__version__,
+      num_devices=jax.device_count(), devices_used=devices_used,
+      mesh=None if ep is None else dict(ep.mesh.shape), jax_version=jax.__version__,
       python=sys.version.split()[0],
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       preset=preset, mode=mode, gmm_implementation=gmm_used if not cfg.dense else None,
@@ -998,9 +1040,10 @@ def train(cfg: Config, run_dir: str, *, resume: bool = False,
       wall_clock_s=time.perf_counter() - t_start, compile_s=compile_s,
       init_s=init_s, gmm_check=gmm_check, checkpoint_s=ckpt_s, memory=dict(memory, **_device_memory()),
       first_step_s=first_run_s, tokens_per_s=tokens_per_s,
+      tokens_per_s_per_device=tokens_per_s / devices_used,
       **counts, flops_per_token=fpt,
       flops_formula="6*params_active + 12*num_layers*num_heads*head_dim*seq_len",
-      achieved_tflops=achieved / 1e12,
+      achieved_tflops=achieved / 1e12,  # per device
       peak_tflops=peak,
       mfu_vs_peak=achieved / (peak * 1e12) if peak else None,
       matmul=mm,
@@ -1112,6 +1155,9 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--lr", type=_positive_float, help="peak learning rate")
   p.add_argument("--time-budget", type=_positive_float,
                  help="seconds per run (safety stop)")
+  p.add_argument("--expert-parallel", type=_int_at_least(1), metavar="N",
+                 help="experts over N devices of a (data, expert) mesh of every"
+                 " local device (the batch over all of them)")
   p.add_argument("--gmm", choices=jmoe.GMM_IMPLEMENTATIONS,
                  help="grouped-matmul backend (default: jmoe's for the device)")
   p.add_argument("--no-plots", action="store_true")
@@ -1145,7 +1191,7 @@ def main(argv: list[str] | None = None) -> dict:
                    ckpt_every=args.ckpt_every, log_every=args.log_every,
                    seed=args.seed, time_budget_s=args.time_budget,
                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                   gmm_implementation=args.gmm)
+                   gmm_implementation=args.gmm, expert_parallel=args.expert_parallel)
   base = PRESETS[preset]
   if meta is not None and preset == meta.get("preset", preset):
     # The saved fields over the preset's (a field the checkpoint lacks keeps the

@@ -47,6 +47,16 @@ Dispatchers (`ExpertParallel.dispatcher`), one semantics each:
   reduce-scatter (`psum_scatter`), in float32 whatever x's dtype (so bf16 outputs
   round once, as on one device). Good when E_l is small and tokens are few.
 
+The exchange of "dropless" and "all_to_all" (`ExpertParallel.exchange`): their
+static blocks move with `lax.all_to_all` ("all_to_all", default: every block whole,
+padding included) or with `lax.ragged_all_to_all` ("ragged_all_to_all": only each
+block's routed rows, and each (source, destination) slice split into
+`ragged_splits` updates, since XLA's GPU kernel gives each update one small thread
+block; splitting made it 17.8x faster on GB200, openxla/xla #33386). Same layout,
+same results bit for bit; `ragged_tables` builds the offsets and sizes from the
+counts with static shapes. XLA:CPU has no ragged-all-to-all: on CPU meshes it is
+refused.
+
 Auxiliary metrics are global: every shard's `jmoe._src.moe.AuxSums` (sums over its
 unmasked tokens) are summed over the token axes and turned into the `MoEAux` of the
 whole batch, as `jmoe.moe_ffn` computes it (the balance loss from the summed counts
@@ -96,6 +106,9 @@ MoEConfig = moe_lib.MoEConfig
 MoEParams = moe_lib.MoEParams
 
 DISPATCHERS = ("all_to_all", "dropless", "all_gather")
+EXCHANGES = ("all_to_all", "ragged_all_to_all")
+# Platforms whose XLA lacks the ragged-all-to-all HLO (tests emulate it on CPU).
+_RAGGED_UNSUPPORTED = ("cpu",)
 
 
 @jax.tree_util.register_dataclass
@@ -139,6 +152,11 @@ class ExpertParallel:
       `MoEConfig.capacity_factor`; one of the two is required.
     dropless_bound: "dropless" only: each exchange block holds this many times the
       balanced load (T_l * k / n rows); heavier routing takes the fallback. >= 1.
+    exchange: how "dropless" and "all_to_all" move their blocks: "all_to_all"
+      (`lax.all_to_all` of whole blocks) or "ragged_all_to_all" (only the routed
+      rows, `lax.ragged_all_to_all`; not on CPU). Same results.
+    ragged_splits: "ragged_all_to_all" only: updates per (source, destination)
+      slice (>= 1).
   """
 
   mesh: Mesh
@@ -148,6 +166,8 @@ class ExpertParallel:
   dispatcher: Literal["all_to_all", "dropless", "all_gather"] = "dropless"
   capacity_factor: float | None = None
   dropless_bound: float = 2.0
+  exchange: Literal["all_to_all", "ragged_all_to_all"] = "all_to_all"
+  ragged_splits: int = 32
 
   def __post_init__(self):
     fn = "ExpertParallel"
@@ -177,6 +197,23 @@ class ExpertParallel:
     if not (isinstance(self.dropless_bound, (int, float))
             and math.isfinite(self.dropless_bound) and self.dropless_bound >= 1.0):
       raise ValueError(f"{fn}: `dropless_bound` must be >= 1.0; got {self.dropless_bound}.")
+    checks.check_choice(fn, "exchange", self.exchange, EXCHANGES)
+    if not (isinstance(self.ragged_splits, (int, np.integer))
+            and not isinstance(self.ragged_splits, bool) and self.ragged_splits >= 1):
+      raise ValueError(f"{fn}: `ragged_splits` must be an int >= 1; got"
+                       f" {self.ragged_splits!r}.")
+    if self.exchange == "ragged_all_to_all":
+      if self.dispatcher == "all_gather":
+        raise ValueError(
+            f"{fn}: exchange='ragged_all_to_all' moves the blocks of"
+            " dispatcher='dropless' or 'all_to_all'; dispatcher='all_gather' has"
+            " none.")
+      platform = self.mesh.devices.flat[0].platform
+      if platform in _RAGGED_UNSUPPORTED:
+        raise ValueError(
+            f"{fn}: exchange='ragged_all_to_all' needs lax.ragged_all_to_all,"
+            f" which XLA on {platform!r} does not implement; use"
+            " exchange='all_to_all' there (same results).")
 
   # ---------------------------------------------------------------- layout
   @property
@@ -469,8 +506,9 @@ def _shard_body(ep: ExpertParallel, config: MoEConfig, deterministic: bool,
   else:
     sent = plan.group_sizes.reshape(n, -1).sum(axis=1)  # [n] rows to each device
     max_rows = lax.pmax(jnp.max(sent), axes)
+    splits = ep.ragged_splits if ep.exchange == "ragged_all_to_all" else None
     a2a = lambda: _exchange_all_to_all(xt, experts, plan, routing.weights, params,
-                                       config, ax, block)
+                                       config, ax, block, splits)
     if ep.dispatcher == "dropless" and block < t_l * min(k, num_experts // n):
       fallback = max_rows > block  # the same on every device: safe for lax.cond
       y = lax.cond(
@@ -569,22 +607,79 @@ class _Route(NamedTuple):
   send_plan: permute_lib.DispatchPlan  # the plan in the [n * block] send layout
   to_compact: Array  # int32 [n * block]: received row -> compact row (or n*block)
   from_compact: Array  # int32 [n * block]: compact row -> received row (or n*block)
+  sent: Array  # int32 [n]: rows sent to each device (<= block)
+  received: Array  # int32 [n]: rows received from each device (<= block)
+
+
+def ragged_tables(send_counts: Array, recv_counts: Array, me: Array, block: int,
+                  splits: int) -> tuple[Array, Array, Array, Array]:
+  """`lax.ragged_all_to_all`'s (input_offsets, send_sizes, output_offsets,
+  recv_sizes) for the block layout, each int32 [n * splits].
+
+  Layout: this device's buffer [n * block, D] holds in block j the rows for device
+  j (its first send_counts[j] rows); every device receives into [n * block, D],
+  block s holding source s's rows (its first recv_counts[s]). Each slice is split
+  into `splits` updates of ceil(count / splits) rows (the last ones shorter or
+  empty, with offsets inside the slice), update (j, u) at entry j * splits + u (destination-major, as the
+  collective takes them). Static shapes, no host sync.
+
+  Args:
+    send_counts: int [n], rows for each device (<= block).
+    recv_counts: int [n], rows from each device (<= block); must equal the
+      sources' send_counts[me] (`lax.all_to_all` of send_counts).
+    me: int [], this device's index on the axis.
+  """
+  u = jnp.arange(splits, dtype=jnp.int32)[None, :]
+
+  def split(counts):
+    counts = counts.astype(jnp.int32)[:, None]
+    chunk = (counts + splits - 1) // splits
+    start = jnp.minimum(u * chunk, counts)  # empty updates stay inside the block
+    return start, jnp.minimum(counts - start, chunk)
+
+  start, send_sizes = split(send_counts)
+  dest = jnp.arange(send_counts.shape[0], dtype=jnp.int32)[:, None]
+  input_offsets = dest * block + start
+  output_offsets = jnp.asarray(me, jnp.int32) * block + start  # on device j
+  _, recv_sizes = split(recv_counts)
+  flat = lambda a: a.reshape(-1)
+  return (flat(input_offsets), flat(send_sizes), flat(output_offsets),
+          flat(recv_sizes))
+
+
+def _ragged_all_to_all(*args, **kw):  # one name to emulate in CPU tests
+  return lax.ragged_all_to_all(*args, **kw)
+
+
+def _exchange_blocks(buf: Array, send_counts: Array, recv_counts: Array,
+                     axis: str, block: int, splits: int | None) -> Array:
+  """Block j of buf [n * block, ...] to device j; returns [n * block, ...] with
+  block s from device s. splits=None: `lax.all_to_all` of the whole blocks; else
+  `lax.ragged_all_to_all` of their first send_counts rows (the rest of each block
+  is zeros in buf and stays zeros in the output, so both give the same array)."""
+  if splits is None:
+    return lax.all_to_all(buf, axis, 0, 0, tiled=True)
+  tables = ragged_tables(send_counts, recv_counts, lax.axis_index(axis), block,
+                         splits)
+  return _ragged_all_to_all(buf, jnp.zeros_like(buf), *tables, axis_name=axis)
 
 
 def _exchange_all_to_all(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
                          weights: Array, params: MoEParams, config: MoEConfig,
-                         axis: str, block: int) -> Array:
-  """Two `lax.all_to_all`s with static blocks of `block` rows per device pair.
+                         axis: str, block: int, splits: int | None = None) -> Array:
+  """Two exchanges (`_exchange_blocks`) of static blocks of `block` rows per
+  device pair.
 
   Pairs past `block` are not sent (the caller makes sure there are none).
   """
-  rows, sizes, route = _a2a_dispatch(xt, experts, plan, axis, block)
+  rows, sizes, route = _a2a_dispatch(xt, experts, plan, axis, block, splits)
   out = _local_ffn(rows, params, sizes, config)
-  return _a2a_return(out, route, weights, axis)
+  return _a2a_return(out, route, weights, axis, block, splits)
 
 
 def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
-                  axis: str, block: int) -> tuple[Array, Array, _Route]:
+                  axis: str, block: int, splits: int | None = None
+                  ) -> tuple[Array, Array, _Route]:
   """Sends every dispatched pair to the device of its expert.
 
   Sender: the plan's compact expert-sorted rows are laid out as n blocks
@@ -612,8 +707,11 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
 
   send = permute_lib.gather_rows(xt, send_plan.row_token,
                                  send_plan.slot_row)  # [n * block, D]
-  recv = lax.all_to_all(send, axis, 0, 0, tiled=True)  # block s from source s
   recv_counts = lax.all_to_all(counts, axis, 0, 0, tiled=True)  # [n_src, E_l]
+  sent = jnp.minimum(counts.sum(axis=1), block)
+  received = jnp.minimum(recv_counts.sum(axis=1), block)
+  recv = _exchange_blocks(send, sent, received, axis, block,
+                          splits)  # block s from source s
 
   # Receiver: row (s, p) holds local expert e; its compact row is
   # (rows of experts < e) + (rows of e from sources < s) + (p - start of e in s).
@@ -630,11 +728,13 @@ def _a2a_dispatch(xt: Array, experts: Array, plan: permute_lib.DispatchPlan,
   to_compact = jnp.where(valid, first + from_earlier + offset, nb).astype(jnp.int32)
   from_compact = permute_lib.invert_index(to_compact, nb)
   rows = permute_lib.gather_rows(recv, from_compact, to_compact[:, None])
-  return rows, sizes, _Route(send_plan, to_compact, from_compact)
+  return rows, sizes, _Route(send_plan, to_compact, from_compact, sent, received)
 
 
-def _a2a_return(out: Array, route: _Route, weights: Array, axis: str) -> Array:
+def _a2a_return(out: Array, route: _Route, weights: Array, axis: str, block: int,
+                splits: int | None = None) -> Array:
   """Sends the expert outputs back and combines them: y [T_l, D]."""
   back = permute_lib.gather_rows(out, route.to_compact, route.from_compact[:, None])
-  ret = lax.all_to_all(back, axis, 0, 0, tiled=True)  # my rows, in send layout
+  ret = _exchange_blocks(back, route.received, route.sent, axis, block,
+                         splits)  # my rows, in send layout
   return permute_lib.unpermute(ret, route.send_plan, weights)

@@ -405,3 +405,130 @@ def test_error_bad_options():
   config = jmoe.MoEConfig(router=jmoe.RouterConfig(kind="expert_choice"))
   with pytest.raises(ValueError, match="expert-choice"):
     parallel.ExpertParallel(m).moe_ffn(x, params, config)
+
+
+# ------------------------------------------------------------------------------
+# exchange="ragged_all_to_all": the offset/size tables on CPU, the dispatcher with
+# the collective emulated (XLA:CPU has no ragged-all-to-all), the real collective
+# under the gpu marker.
+# ------------------------------------------------------------------------------
+
+
+def _simulate_ragged(operands, tables):
+  """numpy: `lax.ragged_all_to_all` on n devices, as its docstring specifies:
+  update i of device src goes to device i // splits, rows
+  operand[in_off[i]:+send[i]] written at out_off[i] there; outputs start zero.
+  Also checks send_sizes == all_to_all(recv_sizes)."""
+  n = len(operands)
+  outs = [np.zeros_like(o) for o in operands]
+  send = np.stack([t[1] for t in tables]).reshape(n, n, -1)  # [src, dst, u]
+  recv = np.stack([t[3] for t in tables]).reshape(n, n, -1)  # [dst, src, u]
+  np.testing.assert_array_equal(send, recv.transpose(1, 0, 2))
+  for src, (in_off, sizes, out_off, _) in enumerate(tables):
+    per = len(in_off) // n
+    for i in range(len(in_off)):
+      dst, a, m, o = i // per, in_off[i], sizes[i], out_off[i]
+      assert 0 <= m and a + m <= len(operands[src]) and o + m <= len(outs[dst])
+      outs[dst][o:o + m] = operands[src][a:a + m]
+  return outs
+
+
+@pytest.mark.parametrize("n,block,splits", [(2, 7, 1), (4, 5, 3), (8, 6, 32)])
+def test_ragged_tables_move_the_routed_rows_of_each_block(n, block, splits):
+  """Random counts (empty and full blocks included): with the tables, the ragged
+  exchange gives what an all_to_all of the whole blocks gives, every row past a
+  block's count zero."""
+  rng = np.random.default_rng(n * 100 + block)
+  counts = rng.integers(0, block + 1, (n, n))  # counts[src, dst]
+  counts[0, :] = 0
+  counts[:, -1] = block
+  operands = []
+  for src in range(n):
+    buf = np.zeros((n * block, 3), np.float32)
+    for dst in range(n):
+      buf[dst * block:dst * block + counts[src, dst]] = rng.normal(
+          size=(counts[src, dst], 3)) + 1.0
+    operands.append(buf)
+  tables = [[np.asarray(a) for a in parallel.ragged_tables(
+      jnp.asarray(counts[me]), jnp.asarray(counts[:, me]), jnp.asarray(me), block,
+      splits)] for me in range(n)]
+  for t in tables:
+    assert all(a.shape == (n * splits,) and a.dtype == np.int32 for a in t)
+  got = _simulate_ragged(operands, tables)
+  for dst in range(n):  # all_to_all of the whole blocks
+    want = np.concatenate([operands[src][dst * block:(dst + 1) * block]
+                           for src in range(n)])
+    np.testing.assert_array_equal(got[dst], want)
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes,
+                                output_offsets, recv_sizes, *, axis_name):
+  """`lax.ragged_all_to_all` from `lax.all_to_all` (differentiable), for CPU
+  meshes: every row of the operand goes to each device with its target row there
+  (or none), and the receiver writes the rows it was sent."""
+  del recv_sizes  # the receiver side follows the senders (tables checked above)
+  n = jax.lax.axis_size(axis_name)
+  rows = operand.shape[0]
+  r = jnp.arange(rows)[None, :]
+  inside = (r >= input_offsets[:, None]) & (r < (input_offsets + send_sizes)[:, None])
+  target = jnp.where(inside, output_offsets[:, None] + r - input_offsets[:, None], -1)
+  target = target.reshape(n, -1, rows).max(axis=1)  # [dst, rows], updates disjoint
+  payload = jnp.broadcast_to(operand[None], (n,) + operand.shape)
+  got = jax.lax.all_to_all(payload, axis_name, 0, 0)
+  where = jax.lax.all_to_all(target, axis_name, 0, 0).reshape(-1)
+  where = jnp.where(where < 0, output.shape[0], where)
+  return output.at[where].set(got.reshape((-1,) + operand.shape[1:]), mode="drop")
+
+
+@pytest.fixture
+def emulated_ragged(monkeypatch):
+  monkeypatch.setattr(parallel, "_RAGGED_UNSUPPORTED", ())
+  monkeypatch.setattr(parallel, "_ragged_all_to_all", _emulated_ragged_all_to_all)
+
+
+@pytest.mark.parametrize("dispatcher,mesh_name", [("dropless", "2x4"),
+                                                  ("all_to_all", "8")])
+def test_ragged_exchange_equals_the_all_to_all_exchange(emulated_ragged, dispatcher,
+                                                        mesh_name):
+  """exchange="ragged_all_to_all" (emulated collective): outputs, aux and
+  gradients equal the default exchange's bit for bit, and match one device; with
+  experts of zero tokens."""
+  x, params, ct = inputs()
+  params = skewed(params, [0.0] * (E - 2) + [-100.0, -100.0])
+  ep = make_ep(mesh_name, dispatcher, exchange="ragged_all_to_all", ragged_splits=3)
+  run(ep, x, params, ct)
+  xs = parallel.shard_inputs(x, ep)
+  ps = parallel.shard_params(params, ep)
+  base = dataclasses.replace(ep, exchange="all_to_all")
+  got = expert_parallel(ep)(xs, ps, ct)
+  want = expert_parallel(base)(xs, ps, ct)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ragged_exchange_options_are_checked():
+  m = mesh("8")
+  with pytest.raises(ValueError, match="XLA on 'cpu' does not implement"):
+    parallel.ExpertParallel(m, exchange="ragged_all_to_all")
+  with pytest.raises(ValueError, match=r"`exchange`='ragged'"):
+    parallel.ExpertParallel(m, exchange="ragged")
+  with pytest.raises(ValueError, match="ragged_splits"):
+    parallel.ExpertParallel(m, ragged_splits=0)
+  with pytest.raises(ValueError, match="all_gather"):
+    parallel.ExpertParallel(m, dispatcher="all_gather", exchange="ragged_all_to_all")
+
+
+@pytest.mark.gpu
+def test_ragged_exchange_on_the_gpu():
+  """The real collective, on the local GPUs (a 1-device mesh on one GPU):
+  equal to the default exchange, bit for bit."""
+  gpus = jax.devices("gpu")
+  n = 2 if len(gpus) >= 2 else 1
+  m = jax.make_mesh((n,), ("expert",), devices=gpus[:n])
+  x, params, ct = inputs()
+  ep = parallel.ExpertParallel(m, exchange="ragged_all_to_all", dropless_bound=3.0)
+  xs, ps = parallel.shard_inputs(x, ep), parallel.shard_params(params, ep)
+  got = expert_parallel(ep)(xs, ps, ct)
+  want = expert_parallel(dataclasses.replace(ep, exchange="all_to_all"))(xs, ps, ct)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -409,3 +409,28 @@ def test_step_profile_attributes_the_step_to_scopes(tmp_path):
   assert abs(sum(r["fraction"] for r in rows.values()) - 1) < 1e-3
   assert rows.get("unattributed", {"fraction": 0})["fraction"] < 0.5
   assert json.load(open(tmp_path / "p.json"))["mode"] == "moe"
+
+
+def test_expert_parallel_run_matches_one_device(tmp_path):
+  """--expert-parallel 4 on the 8 fake CPU devices (a (2, 4) data x expert mesh):
+  the same losses and final parameters as the one-device run, in float32; the
+  experts' weights split over "expert", the results per device."""
+  cfg = dataclasses.replace(CFG, dtype="float32", steps=4, eval_every=0,
+                            ckpt_every=-1, log_every=1)
+  one = train_lm.train(cfg, str(tmp_path / "one"), plots=False, **_QUIET)
+  ep = train_lm.train(dataclasses.replace(cfg, expert_parallel=4),
+                      str(tmp_path / "ep"), plots=False, **_QUIET)
+  w = ep.state["params"]["blocks"][0]["mlp"]["w_up"]
+  assert w.sharding.spec[0] == "expert"
+  assert w.addressable_shards[0].data.shape[0] == CFG.num_experts // 4
+  assert ep.results["devices_used"] == 8 and ep.results["mesh"] == dict(
+      data=2, expert=4)
+  assert ep.results["tokens_per_s_per_device"] == pytest.approx(
+      ep.results["tokens_per_s"] / 8)
+  np.testing.assert_allclose([r["loss"] for r in ep.history],
+                             [r["loss"] for r in one.history], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ep.state["params"]),
+                  jax.tree.leaves(one.state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  with pytest.raises(train_lm.UsageError, match="must divide the 4 experts"):
+    train_lm.init_state(dataclasses.replace(cfg, expert_parallel=8))
