@@ -9,6 +9,9 @@ For each case (bf16 activations and weights) it times, in the same run:
   moe        jmoe.moe_ffn fwd+bwd (route, cumsum dispatch, three grouped matmuls
              with SwiGLU, combine), gradients w.r.t. x and all parameters
   experts    the three grouped matmuls + SwiGLU alone on pre-permuted rows, fwd+bwd
+  experts_fused_gate_up  the same with gate and up as ONE grouped matmul against
+             the concatenated [E, D, 2F] weights (measured slower on an H200:
+             benchmarks/NOTES.md, "fused gate/up"; kept to compare in one run)
   dispatch   routing + permutation alone: router logits, route, dispatch plan,
              permute and unpermute (identity experts), fwd+bwd
   moe_xla    moe_ffn with gmm_implementation="xla" (lax.ragged_dot), where it fits
@@ -114,10 +117,19 @@ def build(spec: LayerSpec, impl: str | None):
                           "swiglu", implementation=impl)
     return jnp.sum(out.astype(jnp.float32) * c)
 
+  def experts_fused_loss(rows, params, gs, c):
+    mm = lambda a, w: jmoe.gmm(a, w, gs, implementation=impl)
+    f = params.w_up.shape[-1]
+    gate_up = mm(rows, jnp.concatenate([params.w_gate, params.w_up], -1))
+    gate, up = (gate_up[:, :f].astype(jnp.float32),
+                gate_up[:, f:].astype(jnp.float32))
+    out = mm((jax.nn.silu(gate) * up).astype(rows.dtype), params.w_down)
+    return jnp.sum(out.astype(jnp.float32) * c)
+
   grad = lambda f, n: jax.jit(jax.grad(f, argnums=tuple(range(n))))
   return dict(moe=grad(moe_loss, 2), dense=grad(dense_loss, 2),
               dispatch=grad(dispatch_loss, 2), experts=grad(experts_loss, 2),
-              config=config)
+              experts_fused_gate_up=grad(experts_fused_loss, 2), config=config)
 
 
 def dispatch_bytes(spec: LayerSpec, x, params, config) -> dict:
@@ -181,6 +193,8 @@ def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool):
       "moe": lambda i: fns["moe"](xs[i], params, cs[i]),
       "experts": lambda i: fns["experts"](rows_sets[i], params, gs_sets[i],
                                           jnp.tile(cs[i], (spec.top_k, 1))),
+      "experts_fused_gate_up": lambda i: fns["experts_fused_gate_up"](
+          rows_sets[i], params, gs_sets[i], jnp.tile(cs[i], (spec.top_k, 1))),
       "dispatch": lambda i: fns["dispatch"](xs[i], params, cs[i]),
   }
   if with_xla:
@@ -201,8 +215,17 @@ def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool):
     except Exception as e:
       rec[f"{name}_error"] = repr(e)[:300]
       log(f"[{spec.name}] {name}: ERROR {repr(e)[:300]}")
+  try:  # the fused gate/up variant against jmoe's path: gradients agree
+    ga = jax.tree.leaves(calls["experts_fused_gate_up"](0))
+    gb = jax.tree.leaves(calls["experts"](0))
+    rec["experts_fused_vs_unfused_grad_rel_err"] = max(
+        float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
+              / jnp.maximum(jnp.linalg.norm(b.astype(jnp.float32).ravel()), 1e-30))
+        for a, b in zip(ga, gb))
+  except Exception as e:  # noqa: BLE001
+    rec["experts_fused_vs_unfused_error"] = repr(e)[:300]
   if "dense" in times:
-    for name in ("moe", "moe_xla", "experts"):
+    for name in ("moe", "moe_xla", "experts", "experts_fused_gate_up"):
       if name in times:
         rec[f"{name}_vs_dense"] = round(times["dense"] / times[name], 4)
         rec[f"{name}_tflops"] = round(spec.flops / times[name] / 1e9, 2)
