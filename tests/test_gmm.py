@@ -22,7 +22,7 @@ import pytest
 import jmoe
 from jmoe._src.gmm import api, ops
 from jmoe._src.gmm.config import GmmConfig, heuristic_config, select_config
-from jmoe._src.gmm.cpu import CpuConfig, default_block_m
+from jmoe._src.gmm.cpu import CpuConfig, bucket_rows, default_block_m
 from jmoe._src.gmm.pallas_triton import TritonConfig
 from tests.gmm_checks import (BF16, F16, F32, GmmChecks, check_against_oracle,
                               fwd_bwd, loop_oracle, make_inputs)
@@ -92,7 +92,8 @@ class TestCpu(CpuCases, GmmChecks, RaggedDotPorts):
   the next groups' rows, and at m = 40 or 90 the last tiles overhang row m."""
 
   IMPL = "cpu"
-  OPTIONS = ops.GmmOptions.every(CpuConfig(block_m=16, loops=True))
+  OPTIONS = ops.GmmOptions.every(CpuConfig(block_m=16, loops=True,
+                                           bucket_factor=None))
   FUZZ_EXAMPLES = 20
 
   def test_tile_heights(self):
@@ -169,6 +170,36 @@ class TestCpu(CpuCases, GmmChecks, RaggedDotPorts):
     assert default_block_m(4096, 128, 128, 64) == 32
     assert default_block_m(4096, 128, 128, 8) == 64
     assert default_block_m(5, 8, 8, 2) == 5
+
+
+class TestCpuBuckets(CpuCases, GmmChecks, RaggedDotPorts):
+  """The CPU backend's bucket path: buckets of m rows (bucket_factor 100), so
+  every routing fits and every product is one batched dot over the groups."""
+
+  IMPL = "cpu"
+  OPTIONS = ops.GmmOptions.every(CpuConfig(loops=True, bucket_factor=100.0))
+  FUZZ_EXAMPLES = 20
+
+  def test_buckets_or_loops_by_the_group_sizes(self):
+    """The default bucket_factor (1.5): balanced sizes take the buckets, a group
+    past C rows the loops (one lax.cond, chosen at run time); both give the
+    oracle's values, forward and both gradients."""
+    m, k, n, g = 96, 16, 24, 4
+    lhs, rhs, dy = make_inputs(m, k, n, g, F32, seed=30)
+    assert CpuConfig().bucket_factor == 1.5 and bucket_rows(m, g, 1.5) == 40
+    opts = ops.GmmOptions.every(CpuConfig(loops=True))
+    f = jax.jit(lambda a, b, gs, off: fwd_bwd(a, b, gs, dy, off, impl="cpu",
+                                              options=opts))
+    text = f.lower(lhs, rhs, jnp.zeros((g,), jnp.int32), jnp.int32(0)).as_text()
+    assert "stablehlo.case" in text or "stablehlo.if" in text
+    for sizes in ([24, 30, 20, 22], [40, 32, 24, 0], [41, 20, 20, 15], [0, 0, 96, 0],
+                  [10, 0, 0, 5]):
+      got = f(lhs, rhs, jnp.asarray(sizes, jnp.int32), jnp.int32(0))
+      check_against_oracle(got, lhs, rhs, sizes, dy, dtype=F32, what=f"{sizes}")
+    with pytest.raises(ValueError, match="bucket_factor"):
+      CpuConfig(bucket_factor=0.0)
+    with pytest.raises(ValueError, match="bucket_factor"):
+      CpuConfig(bucket_factor=float("nan"))
 
 
 class TestPallasInterpret(CpuCases, GmmChecks, RaggedDotPorts):

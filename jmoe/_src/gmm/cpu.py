@@ -29,6 +29,17 @@ product accumulates in float32 (`preferred_element_type`); the result is cast to
 the requested dtype at the end. The loops run in a fixed order, one product at
 a time, so the result is the same bits on every run.
 
+Buckets: when every local group holds at most C = `bucket_rows(m, L)` rows
+(`CpuConfig.bucket_factor` times the mean, a multiple of 8; balanced routing), the
+products skip the loops: each group's rows are gathered into a zero-padded bucket
+[L, C, .] and one batched XLA dot computes every group at once (no per-tile cost;
+about bucket_factor x the routed FLOPs), the output gathered back per row.
+`lax.cond` picks buckets or loops at run time from the group sizes, so the result
+never drops a row. Same precision policy; rows outside the local groups give zeros
+and a group's non-finite rows reach only its own outputs, on either path. (cpu-tiny's
+training step after warm-up, benchmarks/NOTES.md "CPU buckets": 182 ms with the loops
+only, 171 ms with buckets of 1.5x the mean; 1.25x overflowed too often to pay.)
+
 Where the loops do not pay -- one group in all, or fewer than
 `MIN_ROWS_PER_GROUP` rows per group on average (decode: every group's weights
 are read for one or two rows, and ragged_dot's dense products cost the same)
@@ -39,6 +50,7 @@ says otherwise. `config` is a `CpuConfig` or None.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -79,12 +91,16 @@ class CpuConfig:
 
   Attributes:
     block_m: rows per tile; None: `default_block_m(m, k, n, L)`. Clipped to m.
-    loops: True: always the tile loops; False: always "xla"; None: the loops
-      where they pay (see the module docstring).
+    loops: True: always the tile loops (or buckets); False: always "xla"; None:
+      the loops where they pay (see the module docstring).
+    bucket_factor: buckets of C = bucket_factor x (m / L) rows (rounded up to a
+      multiple of 8, at most m) when every local group fits, else the loops;
+      None: the loops only.
   """
 
   block_m: int | None = None
   loops: bool | None = None
+  bucket_factor: float | None = 1.5
 
   def __post_init__(self):
     if self.block_m is not None and (isinstance(self.block_m, bool)
@@ -92,6 +108,18 @@ class CpuConfig:
                                      or self.block_m < 1):
       raise ValueError(f"CpuConfig: block_m must be a positive int or None; got"
                        f" {self.block_m!r}.")
+    f = self.bucket_factor
+    if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
+                          or not f > 0 or f != f or f == float("inf")):
+      raise ValueError(f"CpuConfig: bucket_factor must be a finite number > 0 or"
+                       f" None; got {f!r}.")
+
+
+def bucket_rows(m: int, num_local: int, factor: float) -> int:
+  """C, the static rows of one bucket: factor x m / L rounded up to a multiple
+  of 8, clipped to [1, m]."""
+  c = math.ceil(factor * m / max(num_local, 1))
+  return max(1, min(-(-c // 8) * 8, m))
 
 
 def default_block_m(m: int, k: int, n: int, num_local: int) -> int:
@@ -147,6 +175,31 @@ def _padded(x, block_m: int, dtype):
   return jnp.pad(x.astype(dtype), ((0, block_m), (0, 0)))
 
 
+def _buckets(x, starts, ends, c: int, dtype):
+  """[L, c, width]: local group l's rows of x [m, width] from its first row,
+  zeros past its end (and rows of other groups never read)."""
+  idx = starts[:, None] + lax.iota(jnp.int32, c)[None, :]
+  valid = (idx < ends[:, None])[..., None]
+  rows = jnp.take(x.astype(dtype), jnp.minimum(idx, x.shape[0] - 1), axis=0)
+  return jnp.where(valid, rows, jnp.zeros((), dtype))
+
+
+def _unbucket(y, starts, ends, m: int):
+  """y [L, c, n] -> [m, n]: row r of local group l is y[l, r - start_l]; rows
+  outside the local groups are zeros. Needs every group within c rows."""
+  num_local, c, n = y.shape
+  r = lax.iota(jnp.int32, m)
+  g = jnp.clip(jnp.searchsorted(ends, r, side="right"), 0, num_local - 1)
+  flat = jnp.clip(g * c + r - starts[g], 0, num_local * c - 1)
+  out = jnp.take(y.reshape(num_local * c, n), flat, axis=0)
+  local = ((r >= starts[0]) & (r < ends[-1]))[:, None]
+  return jnp.where(local, out, 0.0)
+
+
+def _fits(starts, ends, c: int):
+  return jnp.max(ends - starts) <= c
+
+
 def _num_tiles(start, end, block_m: int):
   """Tiles of block_m rows covering the rows [start, end) (0 when empty)."""
   return (end - start + block_m - 1) // block_m
@@ -167,6 +220,28 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
   cdt = _compute_dtype(lhs.dtype, precision)
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
   starts, ends = tiling.group_bounds(group_sizes, m, num_local, group_offset)
+
+  def loops(lhs, rhs):
+    return _gmm_loops(lhs, rhs, starts, ends, bm, cdt, dims, precision, n)
+
+  if cfg.bucket_factor is None:
+    out = loops(lhs, rhs)
+  else:
+    c = bucket_rows(m, num_local, cfg.bucket_factor)
+
+    def buckets(lhs, rhs):
+      y = lax.dot_general(_buckets(lhs, starts, ends, c, cdt), rhs.astype(cdt),
+                          (((2,), (2 if transpose_rhs else 1,)), ((0,), (0,))),
+                          precision=precision, preferred_element_type=jnp.float32)
+      return _unbucket(y, starts, ends, m)
+
+    out = lax.cond(_fits(starts, ends, c), buckets, loops, lhs, rhs)
+  return out.astype(out_dtype)
+
+
+def _gmm_loops(lhs, rhs, starts, ends, bm, cdt, dims, precision, n):
+  """The tile loops of `gmm`: float32 [m, n]."""
+  m = lhs.shape[0]
   lhs = _padded(lhs, bm, cdt)
 
   def group(out, xs):
@@ -189,7 +264,7 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
                  (rhs, starts, ends))[0][:m]
   rows = lax.iota(jnp.int32, m)[:, None]
   local = (rows >= starts[0]) & (rows < ends[-1])
-  return jnp.where(local, out, 0.0).astype(out_dtype)
+  return jnp.where(local, out, 0.0)
 
 
 def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
@@ -204,6 +279,28 @@ def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
   bm = min(cfg.block_m or default_block_m(m, k, n, num_local), m)
   cdt = _compute_dtype(lhs.dtype, precision)
   starts, ends = tiling.group_bounds(group_sizes, m, num_local, group_offset)
+
+  def loops(lhs, dy):
+    return _tgmm_loops(lhs, dy, starts, ends, bm, cdt, precision)
+
+  if cfg.bucket_factor is None:
+    out = loops(lhs, dy)
+  else:
+    c = bucket_rows(m, num_local, cfg.bucket_factor)
+
+    def buckets(lhs, dy):
+      return lax.dot_general(
+          _buckets(lhs, starts, ends, c, cdt), _buckets(dy, starts, ends, c, cdt),
+          (((1,), (1,)), ((0,), (0,))), precision=precision,
+          preferred_element_type=jnp.float32)
+
+    out = lax.cond(_fits(starts, ends, c), buckets, loops, lhs, dy)
+  return out.astype(out_dtype)
+
+
+def _tgmm_loops(lhs, dy, starts, ends, bm, cdt, precision):
+  """The tile loops of `tgmm`: float32 [L, k, n]."""
+  k, n = lhs.shape[1], dy.shape[1]
   lhs, dy = _padded(lhs, bm, cdt), _padded(dy, bm, cdt)
   zero = jnp.zeros((), cdt)
 
@@ -223,7 +320,7 @@ def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
                         jnp.zeros((k, n), jnp.float32))
     return None, acc
 
-  # float32 outputs of the scan, cast once after it: a cast inside the body
-  # would fuse into the scan's write of its output, which XLA:CPU then emits as
-  # a pass over the whole [L, k, n] buffer per group.
-  return lax.scan(group, None, (starts, ends))[1].astype(out_dtype)
+  # float32 outputs of the scan, cast once after it (by the caller): a cast
+  # inside the body would fuse into the scan's write of its output, which
+  # XLA:CPU then emits as a pass over the whole [L, k, n] buffer per group.
+  return lax.scan(group, None, (starts, ends))[1]
