@@ -1,6 +1,6 @@
 """Train a byte-level MoE language model on Python source, and its dense twin.
 
-    python examples/train_lm.py                         # cpu-tiny: 5-9 min on 2 cores
+    python examples/train_lm.py                         # cpu-tiny: ~2-3 min on 2 cores
     python examples/train_lm.py --dense                 # its dense twin
     python examples/train_lm.py --run-dir /tmp/r --resume   # continue a killed run
     python examples/train_lm.py --run-dir /tmp/r --resume --steps 1200  # train on
