@@ -118,6 +118,20 @@ def routings(draw):
   return experts, weights, cap
 
 
+@functools.cache
+def _fuzz_grads(k, cap):
+  """Jitted gradients (w.r.t. input, expert weights, combine weights) of the
+  layer and of the oracle, one compile per (k, capacity)."""
+  f = _layer_fn(k, cap)
+
+  def grads(fn):
+    def loss(x, p, e, w, c, *rest):
+      return jnp.sum(fn(x, p, e, w, *rest) * c)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 3)))
+
+  return grads(f), grads(_ref_fn)
+
+
 @settings(max_examples=25, deadline=None)
 @given(routings())
 def test_fuzzed_routings_match_oracle(r):
@@ -126,15 +140,15 @@ def test_fuzzed_routings_match_oracle(r):
   check_plan(experts, E, cap)
   keep = oracle.capacity_keep(experts, E, cap)
   f = _layer_fn(k, cap)
-  y = f(X, PARAMS, jnp.asarray(experts), jnp.asarray(weights))
-  y_ref = _ref_fn(X, PARAMS, jnp.asarray(experts), jnp.asarray(weights), keep)
+  e, w = jnp.asarray(experts), jnp.asarray(weights)
+  y = f(X, PARAMS, e, w)
+  y_ref = _ref_fn(X, PARAMS, e, w, keep)
   assert_rel(y, y_ref, jnp.float32, "fuzzed layer")
   # Gradients w.r.t. input, expert weights and combine weights.
   c = jax.random.normal(jax.random.key(k), (T, D))
-  loss = lambda fn: (lambda x, p, w: jnp.sum(fn(x, p, jnp.asarray(experts), w) * c))
-  g = jax.grad(loss(f), argnums=(0, 1, 2))(X, PARAMS, jnp.asarray(weights))
-  g_ref = jax.grad(loss(lambda x, p, e, w: _ref_fn(x, p, e, w, keep)),
-                   argnums=(0, 1, 2))(X, PARAMS, jnp.asarray(weights))
+  grad_f, grad_ref = _fuzz_grads(k, cap)
+  g = grad_f(X, PARAMS, e, w, c)
+  g_ref = grad_ref(X, PARAMS, e, w, c, jnp.asarray(keep))
   assert_tree_rel(g, g_ref, jnp.float32, "fuzzed grads ")
 
 
