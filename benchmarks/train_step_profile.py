@@ -131,6 +131,21 @@ def device_events(trace_dir: str):
   return out, dict(lines_seen)
 
 
+def _parse_value(current, text: str):
+  """A --set value in the type of the field's current value (a None field: an
+  int, else a float, else the string)."""
+  if current is None:
+    for kind in (int, float):
+      try:
+        return kind(text)
+      except ValueError:
+        pass
+    return text
+  if isinstance(current, bool):
+    return text.lower() in ("1", "true", "yes")
+  return type(current)(text)
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--preset", default="h200", choices=sorted(train_lm.PRESETS))
@@ -158,10 +173,7 @@ def main(argv=None) -> dict:
     k, v = item.split("=", 1)
     if k not in fields:
       raise SystemExit(f"--set: unknown Config field {k!r}")
-    cur = getattr(cfg, k)
-    over[k] = (v if isinstance(cur, str) or cur is None and not v[:1].isdigit()
-               else type(cur)(v) if cur is not None else
-               (float(v) if "." in v else int(v)))
+    over[k] = _parse_value(getattr(cfg, k), v)
   cfg = dataclasses.replace(cfg, dense=args.dense, **over)
   dev = jax.devices()[0]
   print(f"jax {jax.__version__} on {dev.device_kind}; {args.preset}"
@@ -171,8 +183,8 @@ def main(argv=None) -> dict:
                                max_bytes=min(cfg.max_bytes, 32 << 20),
                                heldout_frac=cfg.heldout_frac)
   n = len(corpus.train)
-  batch_at = lambda step: jnp.asarray(
-      corpus.train[lm_data.batch_indices(cfg.seed, step, cfg.batch_size, n)])
+  batch_at = lambda step: train_lm.place_batch(
+      cfg, corpus.train[lm_data.batch_indices(cfg.seed, step, cfg.batch_size, n)])
   graphdef, state = train_lm.init_state(cfg)
   counts = train_lm.param_counts(cfg, state["params"])
   fpt = train_lm.flops_per_token(cfg, counts["params_active"])
@@ -233,12 +245,7 @@ def main(argv=None) -> dict:
   peak = train_lm.peak_tflops(dev.device_kind, jnp.dtype(cfg.dtype))
   mm = train_lm.matmul_tflops(jnp.dtype(cfg.dtype))
   rate = tokens * fpt / step_s / 1e12
-  mem = {}
-  try:
-    mem = {k: round(v / 2**30, 2) for k, v in (dev.memory_stats() or {}).items()
-           if k in ("peak_bytes_in_use", "bytes_limit")}
-  except Exception:  # noqa: BLE001
-    pass
+  mem = train_lm._device_memory()
   out = dict(
       benchmark="train_step_profile", preset=args.preset, overrides=over,
       mode="dense" if cfg.dense else "moe", device=dev.device_kind,

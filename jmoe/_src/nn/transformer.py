@@ -351,6 +351,8 @@ def embed_lookup(table: Array, tokens: Array) -> Array:
 
 
 def _embed_lookup_fwd(table, tokens):
+  # Residuals: the tokens, and the table's dtype and vocabulary size (an empty
+  # array carries the dtype; the table itself is not kept).
   return jnp.take(table, tokens, axis=0), (tokens, jnp.zeros((0,), table.dtype),
                                            table.shape[0])
 
