@@ -170,10 +170,16 @@ def main(argv=None) -> dict:
   fields = {f.name: f for f in dataclasses.fields(train_lm.Config)}
   over = {}
   for item in args.set:
+    if "=" not in item:
+      raise SystemExit(f"--set {item}: expected FIELD=VALUE")
     k, v = item.split("=", 1)
     if k not in fields:
       raise SystemExit(f"--set: unknown Config field {k!r}")
-    over[k] = _parse_value(getattr(cfg, k), v)
+    try:
+      over[k] = _parse_value(getattr(cfg, k), v)
+    except ValueError:
+      raise SystemExit(f"--set {item}: expected a {type(getattr(cfg, k)).__name__}"
+                       f" for {k!r}") from None
   cfg = dataclasses.replace(cfg, dense=args.dense, **over)
   dev = jax.devices()[0]
   print(f"jax {jax.__version__} on {dev.device_kind}; {args.preset}"
