@@ -25,9 +25,11 @@ the permuted rows plus the plan's temporaries, from XLA's memory analysis of a j
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
+import re
 import sys
 import time
 
@@ -37,6 +39,7 @@ import jaxlib
 import numpy as np
 
 import jmoe
+from benchmarks import profiling
 from benchmarks.gmm import time_fn, write_json
 from jmoe._src import moe as moe_lib
 
@@ -104,14 +107,21 @@ def build(spec: LayerSpec, impl: str | None):
   def dense_loss(x, p, c):
     return jnp.sum(jmoe.ffn(x, p, "swiglu").astype(jnp.float32) * c)
 
-  def dispatch_loss(x, params, c):
-    xt = x
-    routing, _ = moe_lib.route_tokens(xt, params, config)
-    rows, plan = jmoe.permute(xt, routing)
-    y = jmoe.unpermute(rows, plan, routing.weights)
-    return jnp.sum(y.astype(jnp.float32) * c) + 0.01 * jmoe.load_balancing_loss(
-        routing.probs, routing.experts)
+  def dispatch_loss(x, router, c):
+    # Differentiated w.r.t. x and the router only: the expert weights' gradients
+    # would be zeros here, and writing them (2 GB at Mixtral) is not dispatch.
+    # The scopes of moe_ffn's stages, for --profile.
+    with jax.named_scope("router"):
+      routing = jmoe.route(moe_lib.router_logits(x, router), config.router)
+    with jax.named_scope("dispatch"):
+      rows, plan = jmoe.permute(x, routing)
+    with jax.named_scope("combine"):
+      y = jmoe.unpermute(rows, plan, routing.weights)
+    with jax.named_scope("router"):
+      balance = jmoe.load_balancing_loss(routing.probs, routing.experts)
+    return jnp.sum(y.astype(jnp.float32) * c) + 0.01 * balance
 
+  @jax.named_scope("experts")
   def experts_loss(rows, params, gs, c):
     out = jmoe.expert_ffn(rows, params.w_up, params.w_down, params.w_gate, gs,
                           "swiglu", implementation=impl)
@@ -152,7 +162,8 @@ def dispatch_bytes(spec: LayerSpec, x, params, config) -> dict:
   return out
 
 
-def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool):
+def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool,
+             profile: bool = False, methods=None):
   n_sets = 2
   params, dense, xs, cs = make_inputs(spec, n_sets)
   impl = "pallas_interpret" if smoke else None
@@ -188,15 +199,17 @@ def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool):
   rec["tokens_per_expert"] = np.asarray(jmoe.dispatch_plan(
       routing.experts, spec.num_experts).group_sizes).tolist()
 
-  calls = {
-      "dense": lambda i: fns["dense"](xs[i], dense, cs[i]),
-      "moe": lambda i: fns["moe"](xs[i], params, cs[i]),
-      "experts": lambda i: fns["experts"](rows_sets[i], params, gs_sets[i],
-                                          jnp.tile(cs[i], (spec.top_k, 1))),
-      "experts_fused_gate_up": lambda i: fns["experts_fused_gate_up"](
-          rows_sets[i], params, gs_sets[i], jnp.tile(cs[i], (spec.top_k, 1))),
-      "dispatch": lambda i: fns["dispatch"](xs[i], params, cs[i]),
+  cs_rows = [jnp.tile(c, (spec.top_k, 1)) for c in cs]
+  args = {
+      "dense": lambda i: (xs[i], dense, cs[i]),
+      "moe": lambda i: (xs[i], params, cs[i]),
+      "experts": lambda i: (rows_sets[i], params, gs_sets[i], cs_rows[i]),
+      "experts_fused_gate_up": lambda i: (rows_sets[i], params, gs_sets[i],
+                                          cs_rows[i]),
+      "dispatch": lambda i: (xs[i], params.router, cs[i]),
   }
+  calls = {name: (lambda i, f=fns[name], a=a: f(*a(i))) for name, a in args.items()
+           if methods is None or name in methods}
   if with_xla:
     fns_xla = build(spec, "xla")
     calls["moe_xla"] = lambda i: fns_xla["moe"](xs[i], params, cs[i])
@@ -216,6 +229,8 @@ def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool):
       rec[f"{name}_error"] = repr(e)[:300]
       log(f"[{spec.name}] {name}: ERROR {repr(e)[:300]}")
   try:  # the fused gate/up variant against jmoe's path: gradients agree
+    if "experts_fused_gate_up" not in calls:
+      raise KeyError("experts_fused_gate_up not timed (--methods)")
     ga = jax.tree.leaves(calls["experts_fused_gate_up"](0))
     gb = jax.tree.leaves(calls["experts"](0))
     rec["experts_fused_vs_unfused_grad_rel_err"] = max(
@@ -233,7 +248,74 @@ def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool):
   if "moe" in times and "dispatch" in times:
     rec["dispatch_share"] = round(times["dispatch"] / times["moe"], 4)
   rec["dispatch_buffers"] = dispatch_bytes(spec, xs[0], params, fns["config"])
+  if profile:
+    rec["profile"] = {name: profile_call(fns[name], args[name], n_sets)
+                      for name in ("moe", "experts", "dispatch", "dense")
+                      if name in calls}
   return rec
+
+
+def _stage(op_name: str | None) -> str:
+  """The layer stage (a `moe.SCOPES` name, else "other") and direction of an op."""
+  if not op_name:
+    return "unattributed"
+  parts = [q for q in re.split(r"[/()]", op_name) if q]
+  stage = next((q for q in parts if q in moe_lib.SCOPES), "other")
+  return f"{stage} {'bwd' if 'transpose' in parts else 'fwd'}"
+
+
+def profile_call(fn, args, n_sets: int, iters: int = 3, top: int = 25) -> dict:
+  """Device time of `fn(*args(i))` by layer stage and by kernel (jax.profiler)."""
+  compiled = fn.lower(*args(0)).compile()
+  names = profiling.hlo_op_names(compiled.as_text())
+
+  def run():
+    r = None
+    for i in range(iters):
+      r = compiled(*args(i % n_sets))
+    jax.block_until_ready(r)
+
+  run()
+  events = profiling.trace_events(run, names)
+  by_stage, by_kernel = collections.Counter(), {}
+  for name, op_name, dur, _ in events:
+    by_stage[_stage(op_name)] += dur
+    k = by_kernel.setdefault(name, [0, 0, op_name])
+    k[0] += dur
+    k[1] += 1
+  ms = lambda ns: round(ns / iters / 1e6, 4)
+  # The last iteration's kernels of >= 20 us in launch order: per-product times.
+  t_end = max(t + d for _, _, d, t in events)
+  span = (t_end - min(t for *_, t in events)) / iters
+  timeline = [dict(kernel=n[:60], us=round(d / 1e3, 1), op_name=(o or "")[-120:])
+              for n, o, d, t in events if t >= t_end - 1.05 * span and d >= 20_000]
+  # Idle device time inside the traced span (the union of kernel intervals
+  # against the span), and the largest gaps with the kernels around them.
+  t0 = min(t for *_, t in events)
+  busy_union, cur_s, cur_e, gaps = 0, None, None, []
+  prev = None
+  for n, o, d, t in events:
+    if cur_e is None or t > cur_e:
+      if cur_e is not None:
+        busy_union += cur_e - cur_s
+        gaps.append((t - cur_e, prev, n, o))
+      cur_s, cur_e = t, t + d
+    else:
+      cur_e = max(cur_e, t + d)
+    prev = n
+  busy_union += cur_e - cur_s
+  gaps.sort(key=lambda g: -g[0])
+  return dict(
+      span_ms=round((t_end - t0) / iters / 1e6, 4),
+      idle_ms=round((t_end - t0 - busy_union) / iters / 1e6, 4),
+      top_gaps=[dict(us=round(g / 1e3, 1), after=a[:50], before=b[:50],
+                     before_op=(o or "")[-100:]) for g, a, b, o in gaps[:12]],
+      timeline_last_iteration=timeline,
+      device_busy_ms=ms(sum(by_stage.values())),
+      by_stage={k: ms(v) for k, v in by_stage.most_common()},
+      top_kernels=[dict(kernel=n[:120], ms=ms(v[0]), calls=v[1] / iters,
+                        op_name=(v[2] or "")[:240])
+                   for n, v in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]])
 
 
 HEADER = (f"{'case':8s} {'dense ms':>9s} {'moe ms':>9s} {'vs dense':>8s}"
@@ -258,7 +340,17 @@ def main(argv=None):
   p.add_argument("--xla", action="store_true",
                  help="also time moe_ffn with lax.ragged_dot (slow on GPU)")
   p.add_argument("--cpu-smoke", action="store_true")
+  p.add_argument("--profile", action="store_true",
+                 help="also trace moe, experts, dispatch and dense with jax.profiler:"
+                 " device time by layer stage (router, dispatch, experts, combine;"
+                 " fwd/bwd) and the top kernels. Turns XLA's command buffers off"
+                 " for the whole run (so the timings are without them too)")
+  p.add_argument("--methods", nargs="*", default=None,
+                 help="time only these (dense, moe, experts, experts_fused_gate_up,"
+                 " dispatch; default all)")
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
+  if args.profile:
+    profiling.disable_command_buffers()
   t_start = time.perf_counter()
   dev = jax.devices()[0]
   if dev.platform != "gpu" and not args.cpu_smoke:
@@ -275,11 +367,21 @@ def main(argv=None):
   for name in names:
     records.append(run_case(table[name], quick=args.quick,
                             with_xla=args.xla or args.cpu_smoke,
-                            smoke=args.cpu_smoke))
+                            smoke=args.cpu_smoke, profile=args.profile,
+                            methods=args.methods))
     write_json(args.out, meta, records, t_start)
   log("\n" + HEADER)
   for r in records:
     log(fmt(r))
+  for r in records:
+    for name, prof in r.get("profile", {}).items():
+      log(f"\n[{r['case']}] {name}: device busy {prof['device_busy_ms']:.3f} ms of a"
+          f" {prof['span_ms']:.3f} ms span per call (idle {prof['idle_ms']:.3f})")
+      for stage, v in prof["by_stage"].items():
+        log(f"  {stage:<22} {v:9.3f} ms")
+      for k in prof["top_kernels"][:15]:
+        log(f"  {k['ms']:8.3f} ms x{k['calls']:<4g} {k['kernel'][:50]:<50}"
+            f" {k['op_name'][-90:]}")
   return 0
 
 

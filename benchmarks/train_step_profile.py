@@ -26,12 +26,11 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import glob
 import json
 import os
 import re
-import sys
 import tempfile
+import sys
 import time
 
 import jax
@@ -43,6 +42,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "examples"))
 import lm_data  # noqa: E402
 import train_lm  # noqa: E402
+
+from benchmarks.profiling import (  # noqa: E402
+    device_events, disable_command_buffers, hlo_op_names, op_name_of)
 
 # Scope -> table row, first match wins (most specific first).
 CATEGORIES = (
@@ -63,37 +65,6 @@ CATEGORIES = (
     ("optimizer", "optimizer (clip + AdamW)"),
 )
 
-_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name="([^"]*)"')
-_CALLS = re.compile(r'calls=%?([\w.\-]+)')
-_COMP = re.compile(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
-_NAME = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=')
-
-
-def hlo_op_names(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> op_name metadata. A fusion without metadata of its
-  own takes the most common op_name among its fused computation's instructions."""
-  names, by_comp, calls = {}, collections.defaultdict(list), {}
-  comp = None
-  for line in hlo_text.splitlines():
-    m = _COMP.match(line)
-    if m and "=" not in line.split("{")[0]:
-      comp = m.group(1)
-      continue
-    m = _INSTR.match(line)
-    if m:
-      names[m.group(1)] = m.group(2)
-      if comp:
-        by_comp[comp].append(m.group(2))
-    n = _NAME.match(line)
-    c = _CALLS.search(line)
-    if n and c:
-      calls[n.group(1)] = c.group(1)
-  for inst, callee in calls.items():
-    if inst not in names and by_comp.get(callee):
-      names[inst] = collections.Counter(by_comp[callee]).most_common(1)[0][0]
-  return names
-
-
 def category(op_name: str | None) -> str:
   if not op_name:
     return "unattributed"
@@ -105,30 +76,6 @@ def category(op_name: str | None) -> str:
     if re.search(r"(^|/)" + re.escape(scope) + r"(/|$)", path):
       return label
   return "other (unscoped)"
-
-
-def device_events(trace_dir: str):
-  """(name, hlo_op, duration_ns, line) of the trace's device ops."""
-  paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-  if not paths:
-    raise RuntimeError(f"no .xplane.pb under {trace_dir}")
-  data = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
-  out, lines_seen = [], collections.Counter()
-  gpu = [p for p in data.planes if p.name.startswith("/device:GPU")]
-  planes = gpu or [p for p in data.planes if p.name.startswith("/host:CPU")]
-  for plane in planes:
-    for line in plane.lines:
-      # GPU: the stream lines hold kernels (skip the derived module/op lines).
-      if gpu and not line.name.lower().startswith("stream"):
-        continue
-      for ev in line.events:
-        stats = {k: v for k, v in ev.stats}
-        hlo_op = stats.get("hlo_op")
-        if hlo_op is None and not gpu:
-          continue  # host events that are not XLA ops
-        out.append((ev.name, hlo_op, ev.duration_ns, line.name))
-        lines_seen[f"{plane.name} | {line.name}"] += 1
-  return out, dict(lines_seen)
 
 
 def _parse_value(current, text: str):
@@ -163,8 +110,7 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   if not args.command_buffers:
     # Must precede the backend's start (the first jax.devices()).
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_gpu_enable_command_buffer=")
+    disable_command_buffers()
 
   cfg = train_lm.PRESETS[args.preset]
   fields = {f.name: f for f in dataclasses.fields(train_lm.Config)}
@@ -230,10 +176,8 @@ def main(argv=None) -> dict:
   by_cat = collections.defaultdict(float)
   by_kernel = collections.defaultdict(lambda: [0.0, 0, None])
   unattributed = collections.Counter()
-  for name, hlo_op, dur, _ in events:
-    op_name = names.get(hlo_op) if hlo_op else None
-    if op_name is None:  # a kernel named after its fusion: "loop_add_fusion_16"
-      op_name = names.get(re.sub(r"_(\d+)$", r".\1", name)) or names.get(name)
+  for name, hlo_op, dur, _, _ in events:
+    op_name = op_name_of(name, hlo_op, names)
     cat = category(op_name)
     if cat == "unattributed":
       unattributed[f"{name} | hlo_op={hlo_op}"] += dur

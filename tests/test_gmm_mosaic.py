@@ -47,6 +47,8 @@ def test_lowers_for_cuda(case, op):
         a, b, s, o, transpose_rhs=op == "gmm_t", out_dtype=out_dt, cfg=cfg,
         num_sms=132), S((m, k), dt), S(rhs, dt), gs, off)
   assert "mosaic_gpu" in text
+  # Each product's kernel carries its name into profiles (jax.profiler traces).
+  assert f"jmoe_{op}_mosaic_gpu" in text
 
 
 def test_too_much_shared_memory_is_refused_at_lowering():

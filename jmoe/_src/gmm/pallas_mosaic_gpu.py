@@ -273,8 +273,10 @@ def _pipeline(plgpu, body, compute_context, *, grid, a_spec, b_spec,
   )
 
 
-def _launch(plgpu, body, out_shape, out_dtype, num_sms):
-  """A persistent launch: one CTA of three warpgroups per SM."""
+def _launch(plgpu, body, out_shape, out_dtype, num_sms, name):
+  """A persistent launch: one CTA of three warpgroups per SM, named `name` in
+  profiles (where this jax's mesh takes a kernel name)."""
+  named = ({"kernel_name": name} if "kernel_name" in _mesh_fields(plgpu) else {})
   return plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
@@ -284,7 +286,17 @@ def _launch(plgpu, body, out_shape, out_dtype, num_sms):
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      **named,
   )
+
+
+@functools.cache
+def _mesh_fields(plgpu) -> frozenset:
+  mesh = getattr(plgpu, "Mesh", None)
+  try:
+    return frozenset(f.name for f in dataclasses.fields(mesh))
+  except TypeError:
+    return frozenset()
 
 
 # ----------------------------------------------------------------------------
@@ -436,7 +448,8 @@ def gmm_call(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
                            align=_ALIGN)
   kernel = _launch(
       plgpu, functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
-      (m_p, n_p), out_dtype, num_sms)
+      (m_p, n_p), out_dtype, num_sms,
+      "jmoe_gmm_t" if transpose_rhs else "jmoe_gmm")
   out = kernel(tiles.num_tiles.reshape(1), tiles.table, lhs_p, rhs_p)
   if (m_p, n_p) != (m, n):
     out = out[:m, :n]
@@ -564,7 +577,7 @@ def tgmm_call(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
   k_p, n_p = lhs_p.shape[1], dy_p.shape[1]
   sched = tiling.group_schedule(group_sizes, m, num_local, group_offset)
   kernel = _launch(plgpu, functools.partial(_tgmm_kernel, cfg=cfg),
-                   (num_local, k_p, n_p), out_dtype, num_sms)
+                   (num_local, k_p, n_p), out_dtype, num_sms, "jmoe_tgmm")
   out = kernel(sched, lhs_p, dy_p)
   if (k_p, n_p) != (k, n):
     out = out[:, :k, :n]
