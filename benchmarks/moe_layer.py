@@ -71,6 +71,12 @@ CASES = {s.name: s for s in [
 SMOKE = {s.name: s for s in [
     LayerSpec(name="tiny", tokens=256, d_model=64, d_ff=128, num_experts=8, top_k=2),
 ]}
+# --cpu: the README example's layer (examples/train_lm.py --preset cpu-tiny: 16 x
+# 128 tokens per step), on the default CPU backend.
+CPU_CASES = {s.name: s for s in [
+    LayerSpec(name="cpu-tiny", tokens=2048, d_model=128, d_ff=128, num_experts=8,
+              top_k=2, note="cpu-tiny's MoE layer (one step's tokens)"),
+]}
 
 
 def log(*a):
@@ -339,7 +345,11 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true")
   p.add_argument("--xla", action="store_true",
                  help="also time moe_ffn with lax.ragged_dot (slow on GPU)")
-  p.add_argument("--cpu-smoke", action="store_true")
+  p.add_argument("--cpu-smoke", action="store_true",
+                 help="a tiny case through the Pallas interpreter (a test of this"
+                 " script, not a measurement)")
+  p.add_argument("--cpu", action="store_true",
+                 help="the CPU cases on the default CPU backend (no GPU needed)")
   p.add_argument("--profile", action="store_true",
                  help="also trace moe, experts, dispatch and dense with jax.profiler:"
                  " device time by layer stage (router, dispatch, experts, combine;"
@@ -353,10 +363,10 @@ def main(argv=None):
     profiling.disable_command_buffers()
   t_start = time.perf_counter()
   dev = jax.devices()[0]
-  if dev.platform != "gpu" and not args.cpu_smoke:
-    log("no GPU: use --cpu-smoke")
+  if dev.platform != "gpu" and not (args.cpu_smoke or args.cpu):
+    log("no GPU: use --cpu (CPU cases) or --cpu-smoke")
     return 2
-  table = SMOKE if args.cpu_smoke else CASES
+  table = SMOKE if args.cpu_smoke else CPU_CASES if args.cpu else CASES
   names = args.cases or list(table)
   meta = dict(device=f"{dev.platform}:{dev.device_kind}", jax_version=jax.__version__,
               jaxlib_version=jaxlib.__version__, python=sys.version.split()[0],

@@ -181,13 +181,14 @@ class TestCpuBuckets(CpuCases, GmmChecks, RaggedDotPorts):
   FUZZ_EXAMPLES = 20
 
   def test_buckets_or_loops_by_the_group_sizes(self):
-    """The default bucket_factor (1.5): balanced sizes take the buckets, a group
-    past C rows the loops (one lax.cond, chosen at run time); both give the
-    oracle's values, forward and both gradients."""
+    """bucket_factor 1.5: balanced sizes take the buckets alone, a group past C
+    rows the buckets plus the loops for its overflow (one lax.cond, chosen at
+    run time); both give the oracle's values, forward and both gradients. The
+    default factor is 1.25."""
     m, k, n, g = 96, 16, 24, 4
     lhs, rhs, dy = make_inputs(m, k, n, g, F32, seed=30)
-    assert CpuConfig().bucket_factor == 1.5 and bucket_rows(m, g, 1.5) == 40
-    opts = ops.GmmOptions.every(CpuConfig(loops=True))
+    assert bucket_rows(m, g, 1.5) == 40 and CpuConfig().bucket_factor == 1.25
+    opts = ops.GmmOptions.every(CpuConfig(loops=True, bucket_factor=1.5))
     f = jax.jit(lambda a, b, gs, off: fwd_bwd(a, b, gs, dy, off, impl="cpu",
                                               options=opts))
     text = f.lower(lhs, rhs, jnp.zeros((g,), jnp.int32), jnp.int32(0)).as_text()
@@ -200,6 +201,30 @@ class TestCpuBuckets(CpuCases, GmmChecks, RaggedDotPorts):
       CpuConfig(bucket_factor=0.0)
     with pytest.raises(ValueError, match="bucket_factor"):
       CpuConfig(bucket_factor=float("nan"))
+
+
+class TestCpuBucketOverflow(CpuCases, GmmChecks, RaggedDotPorts):
+  """Buckets of half the mean group (bucket_factor 0.5): nearly every routing
+  overflows them, so the products run the buckets and the tile loops for the
+  overflow rows together, through the whole base (fuzz, empty groups, offsets,
+  non-finite rows, transforms)."""
+
+  IMPL = "cpu"
+  OPTIONS = ops.GmmOptions.every(CpuConfig(loops=True, bucket_factor=0.5))
+  FUZZ_EXAMPLES = 20
+
+  def test_overflow_rows_take_the_loops(self):
+    """One group far past C, one empty, one exactly C: the oracle's values, and
+    every bucket/loop boundary (row C of a group) is exact in the forward."""
+    m, k, n, g = 128, 8, 16, 4
+    c = bucket_rows(m, g, 0.5)
+    assert c == 16
+    lhs, rhs, dy = make_inputs(m, k, n, g, F32, seed=31)
+    f = jax.jit(lambda a, b, gs: fwd_bwd(a, b, gs, dy, jnp.int32(0), impl="cpu",
+                                         options=self.OPTIONS))
+    for sizes in ([90, 0, 16, 20], [16, 16, 16, 16], [0, 0, 0, 128], [17, 1, 0, 0]):
+      got = f(lhs, rhs, jnp.asarray(sizes, jnp.int32))
+      check_against_oracle(got, lhs, rhs, sizes, dy, dtype=F32, what=f"{sizes}")
 
 
 class TestPallasInterpret(CpuCases, GmmChecks, RaggedDotPorts):

@@ -1,7 +1,7 @@
 """benchmarks.moe_layer --profile on CPU: the layer's stages are found in a trace.
 
 The GPU figures in benchmarks/results come from this code path; here it runs on
-the tiny smoke case (XLA:CPU), where the same named scopes reach the HLO metadata.
+small shapes on XLA:CPU, where the same named scopes reach the HLO metadata.
 """
 
 import json
@@ -12,9 +12,11 @@ from benchmarks import moe_layer
 
 
 @pytest.mark.cpu
-def test_layer_profile_attributes_the_stages(tmp_path):
+def test_layer_profile_attributes_the_stages(tmp_path, monkeypatch):
+  # --cpu (the default CPU backend) on the smoke case's small shapes.
+  monkeypatch.setattr(moe_layer, "CPU_CASES", moe_layer.SMOKE)
   out = tmp_path / "layer.json"
-  assert moe_layer.main(["--cpu-smoke", "--profile", "--methods", "dense",
+  assert moe_layer.main(["--cpu", "--quick", "--profile", "--methods", "dense",
                          "dispatch", "--out", str(out)]) == 0
   rec = json.loads(out.read_text())["records"][0]
   assert set(rec["profile"]) == {"dense", "dispatch"}  # --methods is honoured

@@ -29,16 +29,17 @@ product accumulates in float32 (`preferred_element_type`); the result is cast to
 the requested dtype at the end. The loops run in a fixed order, one product at
 a time, so the result is the same bits on every run.
 
-Buckets: when every local group holds at most C = `bucket_rows(m, L)` rows
-(`CpuConfig.bucket_factor` times the mean, a multiple of 8; balanced routing), the
-products skip the loops: each group's rows are gathered into a zero-padded bucket
-[L, C, .] and one batched XLA dot computes every group at once (no per-tile cost;
-about bucket_factor x the routed FLOPs), the output gathered back per row.
-`lax.cond` picks buckets or loops at run time from the group sizes, so the result
+Buckets: each local group's first C = `bucket_rows(m, L)` rows
+(`CpuConfig.bucket_factor` times the mean, a multiple of 8) are gathered into a
+zero-padded bucket [L, C, .] and one batched XLA dot computes every group at once
+(no per-tile cost; about bucket_factor x the routed FLOPs), the output gathered back
+per row. When a group holds more than C rows, only its rows past the first C (the
+overflow) run the tile loops above: the forward takes, row by row, the bucket's or
+the loops' output (the loops' overhanging tile rows are never selected), the weight
+gradient adds both. `lax.cond` skips the loops when every group fits, so the result
 never drops a row. Same precision policy; rows outside the local groups give zeros
-and a group's non-finite rows reach only its own outputs, on either path. (cpu-tiny's
-training step after warm-up, benchmarks/NOTES.md "CPU buckets": 182 ms with the loops
-only, 171 ms with buckets of 1.5x the mean; 1.25x overflowed too often to pay.)
+and a group's non-finite rows reach only its own outputs, on either path.
+(benchmarks/NOTES.md, "CPU buckets" and "buckets plus loops for the overflow".)
 
 Where the loops do not pay -- one group in all, or fewer than
 `MIN_ROWS_PER_GROUP` rows per group on average (decode: every group's weights
@@ -94,13 +95,13 @@ class CpuConfig:
     loops: True: always the tile loops (or buckets); False: always "xla"; None:
       the loops where they pay (see the module docstring).
     bucket_factor: buckets of C = bucket_factor x (m / L) rows (rounded up to a
-      multiple of 8, at most m) when every local group fits, else the loops;
-      None: the loops only.
+      multiple of 8, at most m) for every local group's first C rows, the tile
+      loops for the rows past them; None: the loops only.
   """
 
   block_m: int | None = None
   loops: bool | None = None
-  bucket_factor: float | None = 1.5
+  bucket_factor: float | None = 1.25
 
   def __post_init__(self):
     if self.block_m is not None and (isinstance(self.block_m, bool)
@@ -143,9 +144,14 @@ def default_block_m(m: int, k: int, n: int, num_local: int) -> int:
   return min(bm, m)
 
 
+# The config of products that pass none (benchmarks.cpu_step swaps it to compare
+# settings on a whole training step).
+DEFAULT_CONFIG = CpuConfig()
+
+
 def _config(config) -> CpuConfig:
   if config is None:
-    return CpuConfig()
+    return DEFAULT_CONFIG
   if not isinstance(config, CpuConfig):
     raise TypeError(f"gmm: the cpu backend's config must be a CpuConfig or None;"
                     f" got {type(config).__name__}.")
@@ -184,20 +190,29 @@ def _buckets(x, starts, ends, c: int, dtype):
   return jnp.where(valid, rows, jnp.zeros((), dtype))
 
 
-def _unbucket(y, starts, ends, m: int):
-  """y [L, c, n] -> [m, n]: row r of local group l is y[l, r - start_l]; rows
-  outside the local groups are zeros. Needs every group within c rows."""
+def _unbucket(y, starts, ends, m: int, overflow=None):
+  """y [L, c, n] -> [m, n]: row r of local group l is y[l, r - start_l] for its
+  first c rows, overflow[r] (an [m, n] array) for the rest (without one, every
+  group must fit in c rows); rows outside the local groups are zeros."""
   num_local, c, n = y.shape
   r = lax.iota(jnp.int32, m)
   g = jnp.clip(jnp.searchsorted(ends, r, side="right"), 0, num_local - 1)
-  flat = jnp.clip(g * c + r - starts[g], 0, num_local * c - 1)
+  pos = r - starts[g]
+  flat = jnp.clip(g * c + pos, 0, num_local * c - 1)
   out = jnp.take(y.reshape(num_local * c, n), flat, axis=0)
+  if overflow is not None:
+    out = jnp.where((pos >= c)[:, None], overflow, out)
   local = ((r >= starts[0]) & (r < ends[-1]))[:, None]
   return jnp.where(local, out, 0.0)
 
 
 def _fits(starts, ends, c: int):
   return jnp.max(ends - starts) <= c
+
+
+def _overflow_starts(starts, ends, c: int):
+  """Each group's first row past its first c (its end when it has no more)."""
+  return jnp.minimum(starts + c, ends)
 
 
 def _num_tiles(start, end, block_m: int):
@@ -229,13 +244,21 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
   else:
     c = bucket_rows(m, num_local, cfg.bucket_factor)
 
-    def buckets(lhs, rhs):
-      y = lax.dot_general(_buckets(lhs, starts, ends, c, cdt), rhs.astype(cdt),
-                          (((2,), (2 if transpose_rhs else 1,)), ((0,), (0,))),
-                          precision=precision, preferred_element_type=jnp.float32)
-      return _unbucket(y, starts, ends, m)
+    def products(lhs, rhs):  # [L, c, n]: every group's first c rows
+      return lax.dot_general(_buckets(lhs, starts, ends, c, cdt), rhs.astype(cdt),
+                             (((2,), (2 if transpose_rhs else 1,)), ((0,), (0,))),
+                             precision=precision, preferred_element_type=jnp.float32)
 
-    out = lax.cond(_fits(starts, ends, c), buckets, loops, lhs, rhs)
+    def buckets(lhs, rhs):
+      return _unbucket(products(lhs, rhs), starts, ends, m)
+
+    def buckets_and_loops(lhs, rhs):
+      # A group's rows past its first c (the overflow) run the tile loops.
+      rest = _gmm_loops(lhs, rhs, _overflow_starts(starts, ends, c), ends, bm,
+                        cdt, dims, precision, n)
+      return _unbucket(products(lhs, rhs), starts, ends, m, overflow=rest)
+
+    out = lax.cond(_fits(starts, ends, c), buckets, buckets_and_loops, lhs, rhs)
   return out.astype(out_dtype)
 
 
@@ -288,13 +311,17 @@ def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
   else:
     c = bucket_rows(m, num_local, cfg.bucket_factor)
 
-    def buckets(lhs, dy):
+    def buckets(lhs, dy):  # every group's first c rows
       return lax.dot_general(
           _buckets(lhs, starts, ends, c, cdt), _buckets(dy, starts, ends, c, cdt),
           (((1,), (1,)), ((0,), (0,))), precision=precision,
           preferred_element_type=jnp.float32)
 
-    out = lax.cond(_fits(starts, ends, c), buckets, loops, lhs, dy)
+    def buckets_and_loops(lhs, dy):  # + the tile loops over the overflow rows
+      return buckets(lhs, dy) + _tgmm_loops(
+          lhs, dy, _overflow_starts(starts, ends, c), ends, bm, cdt, precision)
+
+    out = lax.cond(_fits(starts, ends, c), buckets, buckets_and_loops, lhs, dy)
   return out.astype(out_dtype)
 
 

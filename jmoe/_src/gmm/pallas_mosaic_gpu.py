@@ -449,7 +449,7 @@ def gmm_call(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
   kernel = _launch(
       plgpu, functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
       (m_p, n_p), out_dtype, num_sms,
-      "jmoe_gmm_t" if transpose_rhs else "jmoe_gmm")
+      "jmoe_mosaic_gmm_t" if transpose_rhs else "jmoe_mosaic_gmm")
   out = kernel(tiles.num_tiles.reshape(1), tiles.table, lhs_p, rhs_p)
   if (m_p, n_p) != (m, n):
     out = out[:m, :n]
@@ -577,7 +577,7 @@ def tgmm_call(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
   k_p, n_p = lhs_p.shape[1], dy_p.shape[1]
   sched = tiling.group_schedule(group_sizes, m, num_local, group_offset)
   kernel = _launch(plgpu, functools.partial(_tgmm_kernel, cfg=cfg),
-                   (num_local, k_p, n_p), out_dtype, num_sms, "jmoe_tgmm")
+                   (num_local, k_p, n_p), out_dtype, num_sms, "jmoe_mosaic_tgmm")
   out = kernel(sched, lhs_p, dy_p)
   if (k_p, n_p) != (k, n):
     out = out[:, :k, :n]
