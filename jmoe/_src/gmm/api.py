@@ -166,11 +166,11 @@ def gmm(
       "reference" (dense and masked, G times the work: the test oracle), "pallas"
       or "pallas_triton" (the Pallas-Triton kernels, NVIDIA GPUs),
       "pallas_interpret" (the same kernels interpreted, CPU tests), "mosaic" (the
-      Mosaic-GPU kernels, Hopper; 16-bit float operands), "cpu" (XLA:CPU: batched
-      dots over per-group buckets when every group fits 1.5x the mean, else loops
-      of dense tile products; ~the routed FLOPs where they beat "xla", i.e. at
-      least 2 groups and 4 rows per group; "xla" otherwise and for the dtypes it
-      does not take), or None for the best available here: "mosaic" on Hopper
+      Mosaic-GPU kernels, Hopper; 16-bit float operands), "cpu" (XLA:CPU: one batched
+      dot over per-group buckets of 1.25x the mean group, loops of dense tile
+      products for a group's rows past its bucket; ~the routed FLOPs where they
+      beat "xla", i.e. at least 2 groups and 4 rows per group; "xla" otherwise
+      and for the dtypes it does not take), or None for the best available here: "mosaic" on Hopper
       GPUs, "pallas" on other NVIDIA GPUs, "cpu" on CPU, "xla" elsewhere. "pallas"
       and "mosaic" where their kernels cannot lower (e.g. on CPU) raise a
       ValueError saying what to use instead.

@@ -145,7 +145,7 @@ def default_block_m(m: int, k: int, n: int, num_local: int) -> int:
 
 
 # The config of products that pass none (benchmarks.cpu_step swaps it to compare
-# settings on a whole training step).
+# settings on a whole training step, in a fresh process: it is read at trace time).
 DEFAULT_CONFIG = CpuConfig()
 
 
