@@ -1,7 +1,7 @@
 """The cpu-tiny training step under CPU grouped-matmul settings, interleaved runs.
 
-    python -m benchmarks.cpu_step --variants dense buckets_1.5 hybrid_1.0 \\
-        --repeats 2 --steps 240 --out benchmarks/results/cpu_tiny_step_variants_2.json
+    python -m benchmarks.cpu_step --variants dense base buckets_1.25 --repeats 3 \\
+        --base-tree /tmp/jmoe_base --out benchmarks/results/cpu_tiny_step_overflow_loops.json
 
 Each run is `examples/train_lm.py --preset cpu-tiny` in its own process (no
 evaluation, no checkpoints) with `jmoe._src.gmm.cpu.DEFAULT_CONFIG` set for the
@@ -79,7 +79,6 @@ def run_one(variant: str, steps: int, log_every: int,
               if os.path.exists(os.path.join(d, "metrics.jsonl")))
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  tokens = None
   with open(os.path.join(os.path.dirname(path), "results.json")) as f:
     res = json.load(f)
   tokens = res["config"]["batch_size"] * res["config"]["seq_len"]
@@ -93,19 +92,11 @@ def run_one(variant: str, steps: int, log_every: int,
               ms_per_interval={s: round(v, 2) for s, v in ms.items()})
 
 
-def _commit(tree: str) -> str | None:
+def _git(tree: str, *args: str) -> str | None:
+  """`git -C tree args...`'s output, None where git or the repository is absent."""
   try:
-    return subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], check=True,
+    return subprocess.run(["git", "-C", tree, *args], check=True,
                           capture_output=True, text=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
-def _dirty(tree: str) -> bool | None:
-  try:
-    return bool(subprocess.run(["git", "-C", tree, "status", "--porcelain",
-                                "--untracked-files=no"], check=True,
-                               capture_output=True, text=True).stdout.strip())
   except (OSError, subprocess.CalledProcessError):
     return None
 
@@ -131,24 +122,30 @@ def main(argv=None) -> int:
       runs.append(r)
       print(f"{v:>14s} #{rep}: {r['ms_per_step']:8.2f} ms/step (early"
             f" {r['ms_per_step_early']})", flush=True)
-  med = lambda v, key: statistics.median(
-      r[key] for r in runs if r["variant"] == v and r[key] is not None)
-  summary = {}
-  for v in args.variants:
-    summary[v] = dict(ms_per_step=round(med(v, "ms_per_step"), 2),
-                      ms_per_step_early=round(med(v, "ms_per_step_early"), 2))
+  def med(v, key):  # over the variant's runs; None where no run has the figure
+    xs = [r[key] for r in runs if r["variant"] == v and r[key] is not None]
+    return round(statistics.median(xs), 2) if xs else None
+
+  ratio = lambda a, b: round(a / b, 4) if a is not None and b else None
+  summary = {v: dict(ms_per_step=med(v, "ms_per_step"),
+                     ms_per_step_early=med(v, "ms_per_step_early"))
+             for v in args.variants}
   if "dense" in summary:
     d = summary["dense"]
     for v in args.variants:
-      summary[v]["vs_dense"] = round(summary[v]["ms_per_step"] / d["ms_per_step"], 4)
-      summary[v]["vs_dense_early"] = round(
-          summary[v]["ms_per_step_early"] / d["ms_per_step_early"], 4)
+      summary[v]["vs_dense"] = ratio(summary[v]["ms_per_step"], d["ms_per_step"])
+      summary[v]["vs_dense_early"] = ratio(summary[v]["ms_per_step_early"],
+                                           d["ms_per_step_early"])
   out = dict(benchmark="cpu-tiny training step, CPU gmm settings (benchmarks.cpu_step)",
              python=sys.version.split()[0], jax_version=jax.__version__,
              device=jax.devices()[0].device_kind, cpu_count=os.cpu_count(),
              argv=sys.argv[1:] if argv is None else list(argv),
-             base_tree_commit=_commit(args.base_tree) if args.base_tree else None,
-             tree_commit=_commit(ROOT), tree_dirty=_dirty(ROOT), summary=summary,
+             base_tree_commit=(_git(args.base_tree, "rev-parse", "HEAD")
+                               if args.base_tree else None),
+             tree_commit=_git(ROOT, "rev-parse", "HEAD"),
+             tree_dirty=bool(_git(ROOT, "status", "--porcelain",
+                                  "--untracked-files=no")),
+             summary=summary,
              runs=runs)
   for v, s in summary.items():
     print(f"{v:>14s}: {s}")

@@ -236,11 +236,8 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
   starts, ends = tiling.group_bounds(group_sizes, m, num_local, group_offset)
 
-  def loops(lhs, rhs):
-    return _gmm_loops(lhs, rhs, starts, ends, bm, cdt, dims, precision, n)
-
   if cfg.bucket_factor is None:
-    out = loops(lhs, rhs)
+    out = _gmm_loops(lhs, rhs, starts, ends, bm, cdt, dims, precision, n)
   else:
     c = bucket_rows(m, num_local, cfg.bucket_factor)
 
@@ -254,16 +251,19 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
 
     def buckets_and_loops(lhs, rhs):
       # A group's rows past its first c (the overflow) run the tile loops.
+      # (_unbucket zeroes the rows outside the groups, so the loops need not.)
       rest = _gmm_loops(lhs, rhs, _overflow_starts(starts, ends, c), ends, bm,
-                        cdt, dims, precision, n)
+                        cdt, dims, precision, n, zero_outside=False)
       return _unbucket(products(lhs, rhs), starts, ends, m, overflow=rest)
 
     out = lax.cond(_fits(starts, ends, c), buckets, buckets_and_loops, lhs, rhs)
   return out.astype(out_dtype)
 
 
-def _gmm_loops(lhs, rhs, starts, ends, bm, cdt, dims, precision, n):
-  """The tile loops of `gmm`: float32 [m, n]."""
+def _gmm_loops(lhs, rhs, starts, ends, bm, cdt, dims, precision, n,
+               zero_outside: bool = True):
+  """The tile loops of `gmm`: float32 [m, n]. zero_outside=False leaves the rows
+  outside [starts[0], ends[-1]) as the tiles wrote them (the caller masks)."""
   m = lhs.shape[0]
   lhs = _padded(lhs, bm, cdt)
 
@@ -285,6 +285,8 @@ def _gmm_loops(lhs, rhs, starts, ends, bm, cdt, dims, precision, n):
 
   out = lax.scan(group, jnp.zeros((m + bm, n), jnp.float32),
                  (rhs, starts, ends))[0][:m]
+  if not zero_outside:
+    return out
   rows = lax.iota(jnp.int32, m)[:, None]
   local = (rows >= starts[0]) & (rows < ends[-1])
   return jnp.where(local, out, 0.0)
@@ -303,11 +305,8 @@ def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
   cdt = _compute_dtype(lhs.dtype, precision)
   starts, ends = tiling.group_bounds(group_sizes, m, num_local, group_offset)
 
-  def loops(lhs, dy):
-    return _tgmm_loops(lhs, dy, starts, ends, bm, cdt, precision)
-
   if cfg.bucket_factor is None:
-    out = loops(lhs, dy)
+    out = _tgmm_loops(lhs, dy, starts, ends, bm, cdt, precision)
   else:
     c = bucket_rows(m, num_local, cfg.bucket_factor)
 
