@@ -254,23 +254,94 @@ def pl_ds(start, size):
   return pl.ds(start, size)
 
 
-def _pipeline(plgpu, body, compute_context, *, grid, a_spec, b_spec,
-              cfg: MosaicConfig):
-  """The K pipeline of one work item: the memory warpgroup streams the A and B
-  blocks of `a_spec` / `b_spec` ((shape, index_map, transforms) each) into
-  `max_concurrent_steps` SMEM slots; the compute warpgroups run `body`."""
-  spec = lambda shape, index, tf: plgpu.BlockSpec(
-      shape, index, transforms=tf, memory_space=plgpu.SMEM)
-  return plgpu.emit_pipeline_warp_specialized(
-      body,
-      grid=grid,
-      memory_registers=_MEMORY_REGISTERS,
-      in_specs=[spec(*a_spec), spec(*b_spec)],
-      wg_axis="wg",
-      num_compute_wgs=_NUM_COMPUTE_WGS,
-      max_concurrent_steps=cfg.max_concurrent_steps,
-      compute_context=compute_context,
+def _compute_registers() -> int:
+  """Registers per thread of a compute warpgroup: the SM's 64k registers less the
+  memory warpgroup's share, split between the compute warpgroups (at most 256,
+  a multiple of 8; `emit_pipeline_warp_specialized`'s rule)."""
+  per = min(256, (512 - _MEMORY_REGISTERS) // _NUM_COMPUTE_WGS)
+  return per // 8 * 8
+
+
+def _operand_allocs(plgpu, cfg: MosaicConfig, a_block, a_tf, b_block, b_tf,
+                    dtype):
+  """The `max_concurrent_steps` SMEM slots of both operands and their barriers:
+  `ready[s]` completes when both TMA loads into slot s have landed, `consumed[s]`
+  when both compute warpgroups are done reading it."""
+  slots = cfg.max_concurrent_steps
+  return dict(
+      a_smem=plgpu.SMEM((slots, *a_block), dtype, transforms=a_tf),
+      b_smem=plgpu.SMEM((slots, *b_block), dtype, transforms=b_tf),
+      ready=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+      consumed=plgpu.Barrier(num_arrivals=_NUM_COMPUTE_WGS, num_barriers=slots),
   )
+
+
+def _warp_specialized(plgpu, *, num_items, item, steps, load, mma, finish,
+                      a_smem, b_smem, ready, consumed, acc_shape,
+                      cfg: MosaicConfig):
+  """A persistent warp-specialised loop whose TMA pipeline spans work items.
+
+  The CTA walks work items lin = sm, sm + num_sms, ... (`plgpu.nd_loop`). Each
+  item contracts over `steps(it)` blocks (dynamic; zero is allowed), where
+  it = item(lin). The memory warpgroup issues, for every block of every item in
+  order, `load(it, s, a_slot, b_slot, barrier)` into the next of the
+  `max_concurrent_steps` SMEM slots once both compute warpgroups have released
+  that slot; the compute warpgroups run `mma(it, s, a_slot, b_slot, acc_ref)` on
+  it, release it and, after an item's last block, `finish(it, acc_ref)` (the
+  epilogue). The slot counter runs on across items, so the memory warpgroup
+  loads the next item's first blocks while the compute warpgroups are still
+  on the current item's last blocks and its epilogue: no pipeline drain and
+  refill per output tile (which `emit_pipeline_warp_specialized` per item
+  pays).
+  """
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  num_slots = cfg.max_concurrent_steps
+  wg = lax.axis_index("wg")
+  zero = jnp.int32(0)
+
+  @pl.when(wg == _NUM_COMPUTE_WGS)
+  def _memory():
+    plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+
+    @plgpu.nd_loop((num_items,), collective_axes="sm", init_carry=zero)
+    def _items(info, carry):
+      it = item(info.index[0])
+
+      def step(s, g):
+        slot = lax.rem(g, jnp.int32(num_slots))
+
+        @pl.when(g >= num_slots)
+        def _wait_free():
+          plgpu.barrier_wait(consumed.at[slot])
+
+        load(it, s, a_smem.at[slot], b_smem.at[slot], ready.at[slot])
+        return g + 1
+
+      return lax.fori_loop(zero, steps(it), step, carry)
+
+  @pl.when(wg < _NUM_COMPUTE_WGS)
+  def _compute():
+    plgpu.set_max_registers(_compute_registers(), action="increase")
+
+    @plgpu.nd_loop((num_items,), collective_axes="sm", init_carry=zero)
+    def _items(info, carry):
+      it = item(info.index[0])
+
+      def run(acc_ref):
+        def step(s, c):
+          g, acc = c
+          slot = lax.rem(g, jnp.int32(num_slots))
+          plgpu.barrier_wait(ready.at[slot])
+          acc = mma(it, s, a_smem.at[slot], b_smem.at[slot], acc)
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(consumed.at[slot])
+          return g + 1, acc
+
+        g, _ = lax.fori_loop(zero, steps(it), step, (carry, acc_ref))
+        finish(it, acc_ref)
+        return g
+
+      return pl.run_scoped(run, plgpu.ACC(acc_shape, jnp.float32))
 
 
 def _launch(plgpu, body, out_shape, out_dtype, num_sms, name):
@@ -321,20 +392,11 @@ def _gmm_kernel(num_ref, table_ref, lhs_gmem, rhs_gmem, out_gmem, *,
   a_tf = _swizzled(plgpu, tile_k, dtype)
   b_tf = _swizzled(plgpu, tile_k if transpose_rhs else cta_n, dtype)
   b_block = (cta_n, tile_k) if transpose_rhs else (tile_k, cta_n)
-  b_index = (lambda k: (0, k)) if transpose_rhs else (lambda k: (k, 0))
-
-  def get_pipeline(body, compute_context):
-    return _pipeline(plgpu, body, compute_context, grid=(k_iters,),
-                     a_spec=((tile_m, tile_k), lambda k: (0, k), a_tf),
-                     b_spec=(b_block, b_index, b_tf), cfg=cfg)
-
-  ignore = lambda *_, **__: None
   out_tf = _swizzled(plgpu, epi_n, out_dtype)
 
   @functools.partial(
       pl.run_scoped,
-      pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
-          lhs_gmem, rhs_gmem),
+      **_operand_allocs(plgpu, cfg, (tile_m, tile_k), a_tf, b_block, b_tf, dtype),
       epi_smem=plgpu.RefUnion(
           plgpu.SMEM((_NUM_COMPUTE_WGS, 2, epi_m, epi_n), out_dtype,
                      transforms=out_tf),
@@ -342,72 +404,75 @@ def _gmm_kernel(num_ref, table_ref, lhs_gmem, rhs_gmem, out_gmem, *,
       ),
       collective_axes="wg",
   )
-  def _scope(pipeline_allocs, epi_smem):
+  def _scope(a_smem, b_smem, ready, consumed, epi_smem):
     out_smem, lad_smem = epi_smem
     wg = lax.axis_index("wg")
     num_t = num_ref[0]           # row-tile visits
 
-    def epilogue(acc, row0, lo, rows, n0):
-      """acc: f32 [tile_m, tile_n] of this warpgroup for the tile's rows
-      [row0, row0 + tile_m), of which it owns [lo, lo + rows)."""
-      acc = acc.astype(out_dtype)
-      col0 = n0 + wg * tile_n
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      whole = (rows == tile_m) & (lo == row0)
-
-      @pl.when(whole)
-      def _full():
-        _store_full(plgpu, acc, out_smem,
-                    out_gmem.at[pl.ds(row0, tile_m), pl.ds(col0, tile_n)], wg)
-
-      @pl.when(jnp.logical_not(whole))
-      def _partial():
-        _store_rows(plgpu, acc, lad_smem, out_gmem, lo - row0, lo, rows, col0,
-                    wg)
-
-    @plgpu.nd_loop((num_t * n_iters,), collective_axes="sm")
-    def _loop(info):
-      (lin,) = info.index
+    def item(lin):
       t, ni = plgpu.planar_snake(lin, (num_t, n_iters), 0, cfg.grid_tile_width)
-      group = table_ref[tiling.GROUP, t]
-      row0 = pl.multiple_of(table_ref[tiling.START, t], _ALIGN)  # tile's first row
-      lo = table_ref[tiling.LO, t]                               # owned: [lo, hi)
-      rows = table_ref[tiling.HI, t] - lo
-      compute = table_ref[tiling.COMPUTE, t] != 0
-      n0 = ni * cta_n
+      return dict(
+          group=table_ref[tiling.GROUP, t],
+          row0=pl.multiple_of(table_ref[tiling.START, t], _ALIGN),  # first row
+          lo=table_ref[tiling.LO, t],                               # owned:
+          hi=table_ref[tiling.HI, t],                               # [lo, hi)
+          compute=table_ref[tiling.COMPUTE, t] != 0,
+          n0=ni * cta_n)
+
+    def steps(it):
+      # Visits of rows outside the local groups run no step and store zeros.
+      return jnp.where(it["compute"], jnp.int32(k_iters), jnp.int32(0))
+
+    def load(it, s, a_slot, b_slot, barrier):
+      k0 = s * tile_k
+      plgpu.copy_gmem_to_smem(
+          lhs_gmem.at[pl.ds(it["row0"], tile_m), pl.ds(k0, tile_k)], a_slot,
+          barrier)
+      if transpose_rhs:
+        rhs_block = rhs_gmem.at[it["group"], pl.ds(it["n0"], cta_n),
+                                pl.ds(k0, tile_k)]
+      else:
+        rhs_block = rhs_gmem.at[it["group"], pl.ds(k0, tile_k),
+                                pl.ds(it["n0"], cta_n)]
+      plgpu.copy_gmem_to_smem(rhs_block, b_slot, barrier)
+
+    def mma(it, s, a_slot, b_slot, acc_ref):
+      del it, s
       wg_n = pl.ds(wg * tile_n, tile_n)
+      if transpose_rhs:
+        b = b_slot.at[wg_n, :].transpose((1, 0))
+      else:
+        b = b_slot.at[:, wg_n]
+      plgpu.wgmma(acc_ref, a_slot, b)
+      return acc_ref
 
-      def compute_context(eval_pipeline):
-        @functools.partial(pl.run_scoped,
-                           acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
-        def _acc(acc_ref):
-          eval_pipeline(acc_ref)
-          epilogue(acc_ref[...], row0, lo, rows, n0)
+    def finish(it, acc_ref):
+      """The tile's rows [row0, row0 + tile_m), of which it owns [lo, hi):
+      this warpgroup's tile_n columns."""
+      row0, lo = it["row0"], it["lo"]
+      rows = it["hi"] - lo
+      col0 = it["n0"] + wg * tile_n
 
-      def mma_body(_, a_smem, b_smem, acc_ref):
-        if transpose_rhs:
-          b = b_smem.at[wg_n, :].transpose((1, 0))
-        else:
-          b = b_smem.at[:, wg_n]
-        plgpu.wgmma(acc_ref, a_smem, b)
-        plgpu.wgmma_wait(0)
-        return acc_ref
+      @pl.when(rows > 0)
+      def _store():
+        acc = acc_ref[...].astype(out_dtype)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        whole = (rows == tile_m) & (lo == row0)
 
-      @pl.when(compute)
-      def _mma():
-        if transpose_rhs:
-          rhs_tile = rhs_gmem.at[group, pl.ds(n0, cta_n), :]
-        else:
-          rhs_tile = rhs_gmem.at[group, :, pl.ds(n0, cta_n)]
-        get_pipeline(mma_body, compute_context)(
-            lhs_gmem.at[pl.ds(row0, tile_m), :], rhs_tile,
-            allocations=pipeline_allocs)
+        @pl.when(whole)
+        def _full():
+          _store_full(plgpu, acc, out_smem,
+                      out_gmem.at[pl.ds(row0, tile_m), pl.ds(col0, tile_n)], wg)
 
-      @pl.when(jnp.logical_not(compute) & (rows > 0) & (wg < _NUM_COMPUTE_WGS))
-      def _zeros():
-        zeros = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32),
-                                  plgpu.Layout.WGMMA)
-        epilogue(zeros, row0, lo, rows, n0)
+        @pl.when(jnp.logical_not(whole))
+        def _partial():
+          _store_rows(plgpu, acc, lad_smem, out_gmem, lo - row0, lo, rows, col0,
+                      wg)
+
+    _warp_specialized(plgpu, num_items=num_t * n_iters, item=item, steps=steps,
+                      load=load, mma=mma, finish=finish, a_smem=a_smem,
+                      b_smem=b_smem, ready=ready, consumed=consumed,
+                      acc_shape=(tile_m, tile_n), cfg=cfg)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -465,7 +530,7 @@ def _tgmm_kernel(sched_ref, lhs_gmem, dy_gmem, out_gmem, *, cfg: MosaicConfig):
   plgpu = _plgpu()
   dtype = lhs_gmem.dtype
   out_dtype = out_gmem.dtype
-  m, kdim = lhs_gmem.shape
+  _, kdim = lhs_gmem.shape
   n = dy_gmem.shape[1]
   num_local = out_gmem.shape[0]
   tile_m, tile_n, tile_r = cfg.tile_m, cfg.tile_n, cfg.tile_k
@@ -477,35 +542,24 @@ def _tgmm_kernel(sched_ref, lhs_gmem, dy_gmem, out_gmem, *, cfg: MosaicConfig):
 
   a_tf = _swizzled(plgpu, tile_m, dtype)
   b_tf = _swizzled(plgpu, cta_n, dtype)
-
-  def get_pipeline(body, compute_context, steps):
-    return _pipeline(plgpu, body, compute_context, grid=(steps,),
-                     a_spec=((tile_r, tile_m), lambda s: (s, 0), a_tf),
-                     b_spec=((tile_r, cta_n), lambda s: (s, 0), b_tf), cfg=cfg)
-
-  ignore = lambda *_, **__: None
   out_tf = _swizzled(plgpu, epi_n, out_dtype)
 
   @functools.partial(
       pl.run_scoped,
-      pipeline_allocs=get_pipeline(
-          ignore, ignore, cfg.max_concurrent_steps).get_allocations(
-          lhs_gmem, dy_gmem),
+      **_operand_allocs(plgpu, cfg, (tile_r, tile_m), a_tf, (tile_r, cta_n), b_tf,
+                        dtype),
       out_smem=plgpu.SMEM((_NUM_COMPUTE_WGS, 2, epi_m, epi_n), out_dtype,
                           transforms=out_tf),
       collective_axes="wg",
   )
-  def _scope(pipeline_allocs, out_smem):
+  def _scope(a_smem, b_smem, ready, consumed, out_smem):
     wg = lax.axis_index("wg")
     per_group = k_tiles * n_tiles
 
-    @plgpu.nd_loop((num_local * per_group,), collective_axes="sm")
-    def _loop(info):
-      (lin,) = info.index
+    def item(lin):
       slot = lax.div(lin, jnp.int32(per_group))
       ki, ni = plgpu.planar_snake(lax.rem(lin, jnp.int32(per_group)),
                                   (k_tiles, n_tiles), 0, cfg.grid_tile_width)
-      g = sched_ref[0, slot]
       start = sched_ref[1, slot]
       end = sched_ref[2, slot]
       # Steps of tile_r rows from the multiple of 8 at or below the group's start.
@@ -513,53 +567,55 @@ def _tgmm_kernel(sched_ref, lhs_gmem, dy_gmem, out_gmem, *, cfg: MosaicConfig):
       size = jnp.maximum(end - base, 0)
       steps = jnp.where(end > start,
                         lax.div(size + (tile_r - 1), jnp.int32(tile_r)), 0)
-      k0 = ki * tile_m
-      n0 = ni * cta_n
-      wg_n = pl.ds(wg * tile_n, tile_n)
+      return dict(g=sched_ref[0, slot], start=start, end=end, base=base,
+                  steps=steps, k0=ki * tile_m, n0=ni * cta_n)
 
-      def compute_context(eval_pipeline):
-        @functools.partial(pl.run_scoped,
-                           acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
-        def _acc(acc_ref):
-          eval_pipeline(acc_ref)
-          acc = acc_ref[...].astype(out_dtype)
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          _store_full(plgpu, acc, out_smem,
-                      out_gmem.at[g, pl.ds(k0, tile_m),
-                                  pl.ds(n0 + wg * tile_n, tile_n)], wg)
+    def load(it, s, a_slot, b_slot, barrier):
+      r0 = pl.multiple_of(it["base"] + s * tile_r, _ALIGN)
+      plgpu.copy_gmem_to_smem(
+          lhs_gmem.at[pl.ds(r0, tile_r), pl.ds(it["k0"], tile_m)], a_slot,
+          barrier)
+      plgpu.copy_gmem_to_smem(
+          dy_gmem.at[pl.ds(r0, tile_r), pl.ds(it["n0"], cta_n)], b_slot, barrier)
 
-      def mask_rows(ref, lo_v, hi_v):
-        x = ref[...]
-        rid = plgpu.layout_cast(
-            lax.broadcasted_iota(jnp.int32, x.shape, 0), plgpu.Layout.WGMMA)
-        keep = (rid >= lo_v) & (rid < hi_v)
-        ref[...] = jnp.where(keep, x, jnp.zeros_like(x))
+    def mask_rows(ref, lo_v, hi_v):
+      x = ref[...]
+      rid = plgpu.layout_cast(
+          lax.broadcasted_iota(jnp.int32, x.shape, 0), plgpu.Layout.WGMMA)
+      keep = (rid >= lo_v) & (rid < hi_v)
+      ref[...] = jnp.where(keep, x, jnp.zeros_like(x))
 
-      def mma_body(idx, a_smem, b_smem, acc_ref):
-        (s,) = idx
-        b = b_smem.at[:, wg_n]
-        r0 = base + s * tile_r
-        lo_v = start - r0            # rows of this step inside the group:
-        hi_v = end - r0              # [lo_v, hi_v) of [0, tile_r)
+    def mma(it, s, a_slot, b_slot, acc_ref):
+      b = b_slot.at[:, pl.ds(wg * tile_n, tile_n)]
+      r0 = it["base"] + s * tile_r
+      lo_v = it["start"] - r0      # rows of this step inside the group:
+      hi_v = it["end"] - r0        # [lo_v, hi_v) of [0, tile_r)
 
-        @pl.when(((lo_v > 0) | (hi_v < tile_r)))
-        def _mask():
-          # The first and last steps reach into other groups' rows (or past m):
-          # zero those rows in both operands before the tensor cores see them, so
-          # that even non-finite values there cannot leak in. Both warpgroups
-          # write the same values into the shared A tile.
-          mask_rows(a_smem, lo_v, hi_v)
-          mask_rows(b, lo_v, hi_v)
-          plgpu.commit_smem()
+      @pl.when(((lo_v > 0) | (hi_v < tile_r)))
+      def _mask():
+        # The first and last steps reach into other groups' rows (or past m):
+        # zero those rows in both operands before the tensor cores see them, so
+        # that even non-finite values there cannot leak in. Both warpgroups
+        # write the same values into the shared A tile.
+        mask_rows(a_slot, lo_v, hi_v)
+        mask_rows(b, lo_v, hi_v)
+        plgpu.commit_smem()
 
-        plgpu.wgmma(acc_ref, a_smem.transpose((1, 0)), b)
-        plgpu.wgmma_wait(0)
-        return acc_ref
+      plgpu.wgmma(acc_ref, a_slot.transpose((1, 0)), b)
+      return acc_ref
 
-      get_pipeline(mma_body, compute_context, steps)(
-          lhs_gmem.at[pl.ds(base, m), pl.ds(k0, tile_m)],
-          dy_gmem.at[pl.ds(base, m), pl.ds(n0, cta_n)],
-          allocations=pipeline_allocs)
+    def finish(it, acc_ref):
+      # An empty group ran zero steps: its accumulator (zeros) is stored.
+      acc = acc_ref[...].astype(out_dtype)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      _store_full(plgpu, acc, out_smem,
+                  out_gmem.at[it["g"], pl.ds(it["k0"], tile_m),
+                              pl.ds(it["n0"] + wg * tile_n, tile_n)], wg)
+
+    _warp_specialized(plgpu, num_items=num_local * per_group, item=item,
+                      steps=lambda it: it["steps"], load=load, mma=mma,
+                      finish=finish, a_smem=a_smem, b_smem=b_smem, ready=ready,
+                      consumed=consumed, acc_shape=(tile_m, tile_n), cfg=cfg)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
