@@ -9,8 +9,9 @@ Three products, two kernels, one structure (that of JAX's `hopper_matmul_mgpu`):
 
 Both are persistent (one CTA per SM, `plgpu.nd_loop` over the work items) and warp
 specialised: three warpgroups per CTA, a memory warpgroup that issues the TMA loads
-of a `max_concurrent_steps`-deep pipeline (`plgpu.emit_pipeline_warp_specialized`)
-and two compute warpgroups that each run wgmma on one half of the CTA's output
+of a `max_concurrent_steps`-deep pipeline (`_warp_specialized`: one ring of SMEM
+slots across all of the CTA's work items, so the next item's first blocks load
+during the current item's last steps and epilogue) and two compute warpgroups that each run wgmma on one half of the CTA's output
 columns (CTA tile = tile_m x 2*tile_n) with a float32 accumulator in registers.
 Work items follow an L2-friendly order (`plgpu.planar_snake`: bands of
 `grid_tile_width` row tiles walk the column tiles together). The epilogue casts the
