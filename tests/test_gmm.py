@@ -11,6 +11,7 @@ Kernel outputs start as NaN (`poison_outputs`) where the backend offers it, so a
 row a kernel forgets to write fails the finiteness and exact-zero checks.
 """
 
+import dataclasses
 import importlib.util
 import types
 
@@ -201,6 +202,47 @@ class TestCpuBuckets(CpuCases, GmmChecks, RaggedDotPorts):
       CpuConfig(bucket_factor=0.0)
     with pytest.raises(ValueError, match="bucket_factor"):
       CpuConfig(bucket_factor=float("nan"))
+
+
+def test_cpu_bf16_products_match_float32_products():
+  """bf16 operands: the "cpu" backend multiplies them as bf16 x bf16 with float32
+  accumulation (the products are exact in float32), and with `upcast=True` as
+  float32. With float32 outputs the two agree to float32 summation-order
+  rounding -- on the buckets, the buckets plus overflow loops, and the loops
+  alone; forward, input-gradient and weight-gradient products -- and both match
+  the float64 oracle. The default's dots take bf16 operands, upcast's float32
+  ones. A non-bool `upcast` is refused."""
+  from jmoe._src.gmm import cpu  # noqa: PLC0415
+  m, k, n, g = 96, 32, 24, 4
+  lhs, rhs, dy = make_inputs(m, k, n, g, BF16, seed=32)
+  sizes = [40, 0, 30, 20]                       # 6 tail rows
+  gs, off = jnp.asarray(sizes, jnp.int32), jnp.int32(0)
+  ref = loop_oracle(lhs.astype(F32), rhs.astype(F32), sizes, dy.astype(F32))
+
+  def products(config):
+    kw = dict(out_dtype=F32, precision=None, config=config)
+    return (cpu.gmm(lhs, rhs, gs, off, transpose_rhs=False, **kw),
+            cpu.gmm(dy, rhs, gs, off, transpose_rhs=True, **kw),
+            cpu.tgmm(lhs, dy, gs, off, num_local=g, **kw))
+
+  for base in (CpuConfig(loops=True), CpuConfig(loops=True, bucket_factor=0.5),
+               CpuConfig(loops=True, bucket_factor=None, block_m=16)):
+    got = {}
+    for upcast in (False, True):
+      cfg = dataclasses.replace(base, upcast=upcast)
+      got[upcast] = jax.jit(products, static_argnums=0)(cfg)
+      text = jax.jit(products, static_argnums=0).lower(cfg).as_text()
+      operands = [ln.rsplit(": (", 1)[1].split(") ->")[0]
+                  for ln in text.splitlines() if "stablehlo.dot_general" in ln]
+      assert operands and all(("bf16" in o) != upcast for o in operands), (
+          cfg, operands)
+      for a, r, what in zip(got[upcast], ref, ("out", "dlhs", "drhs")):
+        assert_rel(a, r, F32, f"{cfg}: {what}")
+    for a, b, what in zip(got[False], got[True], ("out", "dlhs", "drhs")):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5,
+                                 err_msg=f"{base}: {what}")
+  with pytest.raises(ValueError, match="upcast"):
+    CpuConfig(upcast=1)
 
 
 class TestCpuBucketOverflow(CpuCases, GmmChecks, RaggedDotPorts):

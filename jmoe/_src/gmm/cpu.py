@@ -23,10 +23,15 @@ weighs against the loops' fixed cost per step.
   lhs_tile^T @ dy_tile, the tile's rows past the group's end selected to zero in
   both operands. An empty group runs no tile and gives zeros.
 
-16-bit operands are cast to float32 once, before the loops (exact; XLA:CPU
-multiplies float32 at least as fast as bfloat16 at these tile sizes), and every
-product accumulates in float32 (`preferred_element_type`); the result is cast to
-the requested dtype at the end. The loops run in a fixed order, one product at
+bfloat16 operands stay bfloat16: XLA:CPU (YNNPACK, AMX or AVX512-BF16) runs a
+bf16 x bf16 dot with float32 accumulation 3-5x faster than the float32 dot of
+the same values on the 2-core Xeon of benchmarks/NOTES.md ("CPU: bf16 products"),
+and the products of bf16 values are exact in float32, so the result differs from
+float32 products only in summation order. float16 operands are cast to float32
+once, before the loops (exact; float16 dots are slower than float32 ones there),
+and so are bf16 operands with `CpuConfig(upcast=True)`, for CPUs whose bf16 dots
+are slower. Every product accumulates in float32 (`preferred_element_type`); the
+result is cast to the requested dtype at the end. The loops run in a fixed order, one product at
 a time, so the result is the same bits on every run.
 
 Buckets: each local group's first C = `bucket_rows(m, L)` rows
@@ -97,11 +102,15 @@ class CpuConfig:
     bucket_factor: buckets of C = bucket_factor x (m / L) rows (rounded up to a
       multiple of 8, at most m) for every local group's first C rows, the tile
       loops for the rows past them; None: the loops only.
+    upcast: True: bfloat16 operands are cast to float32 before the products
+      (float16 always is); False: bf16 x bf16 products with float32
+      accumulation (the faster ones where the CPU has AMX or AVX512-BF16).
   """
 
   block_m: int | None = None
   loops: bool | None = None
   bucket_factor: float | None = 1.25
+  upcast: bool = False
 
   def __post_init__(self):
     if self.block_m is not None and (isinstance(self.block_m, bool)
@@ -109,6 +118,8 @@ class CpuConfig:
                                      or self.block_m < 1):
       raise ValueError(f"CpuConfig: block_m must be a positive int or None; got"
                        f" {self.block_m!r}.")
+    if not isinstance(self.upcast, bool):
+      raise ValueError(f"CpuConfig: upcast must be a bool; got {self.upcast!r}.")
     f = self.bucket_factor
     if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
                           or not f > 0 or f != f or f == float("inf")):
@@ -168,8 +179,13 @@ def _use_loops(cfg: CpuConfig, m: int, group_sizes) -> bool:
   return loops_pay(m, group_sizes.shape[0]) if cfg.loops is None else cfg.loops
 
 
-def _compute_dtype(dtype, precision):
-  """float32 for 16-bit operands (unless `precision` is a dot algorithm)."""
+def _compute_dtype(dtype, precision, upcast: bool):
+  """The products' operand dtype: float32 for float16 operands, and for bfloat16
+  ones with `upcast`; otherwise the operands' own (a `precision` that is a dot
+  algorithm never gets here: `supports_precision` sends it to FALLBACK)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.dtype(jnp.bfloat16) and not upcast:
+    return dtype
   if dtype.itemsize < 4 and supports_precision(precision, dtype):
     return jnp.dtype(jnp.float32)
   return dtype
@@ -232,7 +248,7 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
                    transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                    precision=precision)
   bm = min(cfg.block_m or default_block_m(m, k, n, num_local), m)
-  cdt = _compute_dtype(lhs.dtype, precision)
+  cdt = _compute_dtype(lhs.dtype, precision, cfg.upcast)
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
   starts, ends = tiling.group_bounds(group_sizes, m, num_local, group_offset)
 
@@ -302,7 +318,7 @@ def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
     return xla.tgmm(lhs, dy, group_sizes, group_offset, num_local=num_local,
                     out_dtype=out_dtype, precision=precision)
   bm = min(cfg.block_m or default_block_m(m, k, n, num_local), m)
-  cdt = _compute_dtype(lhs.dtype, precision)
+  cdt = _compute_dtype(lhs.dtype, precision, cfg.upcast)
   starts, ends = tiling.group_bounds(group_sizes, m, num_local, group_offset)
 
   if cfg.bucket_factor is None:
