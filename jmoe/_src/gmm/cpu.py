@@ -38,7 +38,8 @@ Buckets: each local group's first C = `bucket_rows(m, L)` rows
 (`CpuConfig.bucket_factor` times the mean, a multiple of 8) are gathered into a
 zero-padded bucket [L, C, .] and one batched XLA dot computes every group at once
 (no per-tile cost; about bucket_factor x the routed FLOPs), the output gathered back
-per row. When a group holds more than C rows, only its rows past the first C (the
+per row; the weight gradient gathers its left operand straight into [L, k, C]
+(`_buckets_t`), the layout XLA:CPU's fast bf16 dots take. When a group holds more than C rows, only its rows past the first C (the
 overflow) run the tile loops above: the forward takes, row by row, the bucket's or
 the loops' output (the loops' overhanging tile rows are never selected), the weight
 gradient adds both. `lax.cond` skips the loops when every group fits, so the result
@@ -206,6 +207,17 @@ def _buckets(x, starts, ends, c: int, dtype):
   return jnp.where(valid, rows, jnp.zeros((), dtype))
 
 
+def _buckets_t(x, starts, ends, c: int, dtype):
+  """[L, width, c]: `_buckets` transposed, gathered in that layout (the weight
+  gradient's left operand: XLA:CPU runs [L, k, c] x [L, c, n] bf16 dots on its
+  fast path, a contraction over the middle axis of [L, c, k] not)."""
+  idx = starts[:, None] + lax.iota(jnp.int32, c)[None, :]
+  valid = (idx < ends[:, None])[:, None, :]
+  cols = lax.iota(jnp.int32, x.shape[1])[None, :, None]
+  rows = x.astype(dtype)[jnp.minimum(idx, x.shape[0] - 1)[:, None, :], cols]
+  return jnp.where(valid, rows, jnp.zeros((), dtype))
+
+
 def _unbucket(y, starts, ends, m: int, overflow=None):
   """y [L, c, n] -> [m, n]: row r of local group l is y[l, r - start_l] for its
   first c rows, overflow[r] (an [m, n] array) for the rest (without one, every
@@ -328,8 +340,8 @@ def tgmm(lhs: Array, dy: Array, group_sizes: Array, group_offset: Array, *,
 
     def buckets(lhs, dy):  # every group's first c rows
       return lax.dot_general(
-          _buckets(lhs, starts, ends, c, cdt), _buckets(dy, starts, ends, c, cdt),
-          (((1,), (1,)), ((0,), (0,))), precision=precision,
+          _buckets_t(lhs, starts, ends, c, cdt), _buckets(dy, starts, ends, c, cdt),
+          (((2,), (1,)), ((0,), (0,))), precision=precision,
           preferred_element_type=jnp.float32)
 
     def buckets_and_loops(lhs, dy):  # + the tile loops over the overflow rows
