@@ -198,24 +198,29 @@ def _padded(x, block_m: int, dtype):
   return jnp.pad(x.astype(dtype), ((0, block_m), (0, 0)))
 
 
+def _bucket_rows_index(starts, ends, c: int, m: int):
+  """[L, c] row indices of each local group's first c rows (clipped into
+  [0, m)) and whether each is one of the group's rows."""
+  idx = starts[:, None] + lax.iota(jnp.int32, c)[None, :]
+  return jnp.minimum(idx, m - 1), idx < ends[:, None]
+
+
 def _buckets(x, starts, ends, c: int, dtype):
   """[L, c, width]: local group l's rows of x [m, width] from its first row,
   zeros past its end (and rows of other groups never read)."""
-  idx = starts[:, None] + lax.iota(jnp.int32, c)[None, :]
-  valid = (idx < ends[:, None])[..., None]
-  rows = jnp.take(x.astype(dtype), jnp.minimum(idx, x.shape[0] - 1), axis=0)
-  return jnp.where(valid, rows, jnp.zeros((), dtype))
+  idx, valid = _bucket_rows_index(starts, ends, c, x.shape[0])
+  rows = jnp.take(x.astype(dtype), idx, axis=0)
+  return jnp.where(valid[..., None], rows, jnp.zeros((), dtype))
 
 
 def _buckets_t(x, starts, ends, c: int, dtype):
   """[L, width, c]: `_buckets` transposed, gathered in that layout (the weight
   gradient's left operand: XLA:CPU runs [L, k, c] x [L, c, n] bf16 dots on its
   fast path, a contraction over the middle axis of [L, c, k] not)."""
-  idx = starts[:, None] + lax.iota(jnp.int32, c)[None, :]
-  valid = (idx < ends[:, None])[:, None, :]
+  idx, valid = _bucket_rows_index(starts, ends, c, x.shape[0])
   cols = lax.iota(jnp.int32, x.shape[1])[None, :, None]
-  rows = x.astype(dtype)[jnp.minimum(idx, x.shape[0] - 1)[:, None, :], cols]
-  return jnp.where(valid, rows, jnp.zeros((), dtype))
+  rows = x.astype(dtype)[idx[:, None, :], cols]
+  return jnp.where(valid[:, None, :], rows, jnp.zeros((), dtype))
 
 
 def _unbucket(y, starts, ends, m: int, overflow=None):
