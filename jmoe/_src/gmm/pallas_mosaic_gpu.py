@@ -11,13 +11,14 @@ Both are persistent (one CTA per SM, `plgpu.nd_loop` over the work items) and wa
 specialised: three warpgroups per CTA, a memory warpgroup that issues the TMA loads
 of a `max_concurrent_steps`-deep pipeline (`_warp_specialized`: one ring of SMEM
 slots across all of the CTA's work items, so the next item's first blocks load
-during the current item's last steps and epilogue) and two compute warpgroups that each run wgmma on one half of the CTA's output
-columns (CTA tile = tile_m x 2*tile_n) with a float32 accumulator in registers.
-Work items follow an L2-friendly order (`plgpu.planar_snake`: bands of
-`grid_tile_width` row tiles walk the column tiles together). The epilogue casts the
-accumulator, writes it to swizzled shared memory in 64-row sub-tiles (two slots per
-warpgroup, so the register-to-SMEM write of one overlaps the TMA store of the other)
-and stores it with TMA.
+during the current item's last steps and epilogue) and two compute warpgroups
+that each run wgmma on one half of the CTA's output columns (CTA tile = tile_m x
+2*tile_n) with a float32 accumulator in registers. Work items follow an
+L2-friendly order (`plgpu.planar_snake`: bands of `grid_tile_width` row tiles walk
+the column tiles together). The epilogue casts the accumulator, writes it to
+swizzled shared memory in 64-row sub-tiles (two slots per warpgroup, so the
+register-to-SMEM write of one overlaps the TMA store of the other) and stores it
+with TMA.
 
 The kernels hold no routing logic. Their metadata comes from `tiling.py` (cumsum /
 searchsorted under jit, static shapes):
@@ -319,6 +320,8 @@ def _warp_specialized(plgpu, *, num_items, item, steps, load, mma, finish,
         return g + 1
 
       return lax.fori_loop(zero, steps(it), step, carry)
+    # No wait for the last slots' release: nothing loads into them again, and
+    # the compute warpgroups' final arrivals need no waiter.
 
   @pl.when(wg < _NUM_COMPUTE_WGS)
   def _compute():
