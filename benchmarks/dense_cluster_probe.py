@@ -80,8 +80,9 @@ def main(argv=None):
       r["vs_xla"] = x[0]["ms"] / r["ms"]
   for r in recs:
     if "vs_xla" in r:
-      print(f"{r['shape']:14s} {r['method']:22s} {r['ms']:8.3f} ms {r['tflops']:6.0f} TF/s"
-            f"  vs xla {r['vs_xla']:.3f}  err {r['rel_err']:.1e}")
+      print(f"{r['shape']:14s} {r['method']:22s} {r['ms']:8.3f} ms"
+            f" {r['tflops']:6.0f} TF/s  vs xla {r['vs_xla']:.3f}"
+            f"  err {r['rel_err']:.1e}")
   if a.out:
     with open(a.out, "w") as f:
       json.dump(dict(head, records=recs), f, indent=1)

@@ -31,18 +31,18 @@ float32 products only in summation order. float16 operands are cast to float32
 once, before the loops (exact; float16 dots are slower than float32 ones there),
 and so are bf16 operands with `CpuConfig(upcast=True)`, for CPUs whose bf16 dots
 are slower. Every product accumulates in float32 (`preferred_element_type`); the
-result is cast to the requested dtype at the end. The loops run in a fixed order, one product at
-a time, so the result is the same bits on every run.
+result is cast to the requested dtype at the end. The loops run in a fixed
+order, one product at a time, so the result is the same bits on every run.
 
 Buckets: each local group's first C = `bucket_rows(m, L)` rows
 (`CpuConfig.bucket_factor` times the mean, a multiple of 8) are gathered into a
 zero-padded bucket [L, C, .] and one batched XLA dot computes every group at once
 (no per-tile cost; about bucket_factor x the routed FLOPs), the output gathered back
 per row; the weight gradient gathers its left operand straight into [L, k, C]
-(`_buckets_t`), the layout XLA:CPU's fast bf16 dots take. When a group holds more than C rows, only its rows past the first C (the
-overflow) run the tile loops above: the forward takes, row by row, the bucket's or
-the loops' output (the loops' overhanging tile rows are never selected), the weight
-gradient adds both. `lax.cond` skips the loops when every group fits, so the result
+(`_buckets_t`), the layout XLA:CPU's fast bf16 dots take. When a group holds more
+than C rows, only its rows past the first C (the overflow) run the tile loops
+above: the forward takes, row by row, the bucket's or the loops' output (the
+loops' overhanging tile rows are never selected), the weight gradient adds both. `lax.cond` skips the loops when every group fits, so the result
 never drops a row. Same precision policy; rows outside the local groups give zeros
 and a group's non-finite rows reach only its own outputs, on either path.
 (benchmarks/NOTES.md, "CPU buckets" and "buckets plus loops for the overflow".)
