@@ -24,7 +24,7 @@ weighs against the loops' fixed cost per step.
   both operands. An empty group runs no tile and gives zeros.
 
 bfloat16 operands stay bfloat16: XLA:CPU (YNNPACK, AMX or AVX512-BF16) runs a
-bf16 x bf16 dot with float32 accumulation 3-5x faster than the float32 dot of
+bf16 x bf16 dot with float32 accumulation ~3x faster than the float32 dot of
 the same values on the 2-core Xeon of benchmarks/NOTES.md ("CPU: bf16 products"),
 and the products of bf16 values are exact in float32, so the result differs from
 float32 products only in summation order. float16 operands are cast to float32
