@@ -27,11 +27,30 @@ SHAPES = {  # name: (m, k, n), the benchmark's grouped products at one group
     "olmoe_fwd": (131072, 2048, 1024),
 }
 
+# hopper_matmul configs: (label, tile_m, tile_n, stages, cluster, wg split, grid
+# minor dim). With wg_dimension N the CTA tile is tile_m x 2 tile_n and each
+# warpgroup issues 2 x m64 x n128 wgmmas per k16 (its B half read twice from
+# SMEM); the m64n256 ones split the 128-row CTA tile by rows, so each warpgroup
+# issues one m64 x n256 wgmma reading the whole shared B tile once.
+VARIANTS = (
+    ("hm", 128, 128, 4, None, "N", "N"),
+    ("hm_cluster_m", 128, 128, 4, "M", "N", "N"),
+    ("hm_cluster_n", 128, 128, 4, "N", "N", "N"),
+    ("hm_cluster_m_minor_m", 128, 128, 4, "M", "N", "M"),
+    ("hm_wg_m_cluster_n", 128, 128, 4, "N", "M", "N"),
+    ("hm_m64n256_wg_m_s3", 64, 256, 3, None, "M", "N"),
+    ("hm_m64n256_wg_m_s4", 64, 256, 4, None, "M", "N"),
+    ("hm_m64n256_wg_m_cluster_m", 64, 256, 4, "M", "M", "N"),
+    ("hm_m64n256_wg_m_cluster_n", 64, 256, 3, "N", "M", "N"),
+)
+
 
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--out", default=None)
   p.add_argument("--shapes", nargs="*", default=list(SHAPES))
+  p.add_argument("--variants", nargs="*", default=None,
+                 help="hopper_matmul variants to time (default: all of VARIANTS)")
   a = p.parse_args(argv)
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm  # noqa: PLC0415
   D = hm.MatmulDimension
@@ -60,13 +79,13 @@ def main(argv=None):
       print(json.dumps(r), flush=True)
 
     record("xla", jax.jit(jnp.dot))
-    for label, cl, wgd, gmd in (("hm", None, D.N, D.N), ("hm_cluster_m", D.M, D.N, D.N),
-                                ("hm_cluster_n", D.N, D.N, D.N),
-                                ("hm_cluster_m_minor_m", D.M, D.N, D.M),
-                                ("hm_wg_m_cluster_n", D.N, D.M, D.N)):
-      cfg = hm.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
-                            grid_tile_width=16, grid_minor_dim=gmd, wg_dimension=wgd,
-                            cluster_dimension=cl)
+    for label, tm, tn, st, cl, wgd, gmd in VARIANTS:
+      if a.variants and label not in a.variants:
+        continue
+      cfg = hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=64, max_concurrent_steps=st,
+                            grid_tile_width=16, grid_minor_dim=getattr(D, gmd),
+                            wg_dimension=getattr(D, wgd),
+                            cluster_dimension=cl and getattr(D, cl))
       record(label, jax.jit(lambda x, w, cfg=cfg: hm.matmul(x, w, None, cfg)))
     gs = jnp.array([m], jnp.int32)
     cfg = pm.select_config("gmm", m, k, n, 1, BF16)
