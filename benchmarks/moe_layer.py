@@ -6,8 +6,15 @@ For each case (bf16 activations and weights) it times, in the same run:
 
   dense      a dense SwiGLU FFN with the same active FLOPs per token (hidden width =
              expert width x top-k), fwd+bwd w.r.t. x and all weights: the ceiling
+
+Every method is timed as `jax.value_and_grad` (the loss value and the gradients,
+as in a training step), so the forward output is computed: `jax.grad` alone let
+XLA drop the dense FFN's last forward product (benchmarks/NOTES.md, fifth session).
   moe        jmoe.moe_ffn fwd+bwd (route, cumsum dispatch, three grouped matmuls
              with SwiGLU, combine), gradients w.r.t. x and all parameters
+  dense_grad_only  the same with `jax.grad` alone, as this benchmark timed it
+             before the fifth session: XLA drops its down projection's forward
+             (8 of the 9 products); kept to show the correction in the same run
   experts    the three grouped matmuls + SwiGLU alone on pre-permuted rows, fwd+bwd
   experts_fused_gate_up  the same with gate and up as ONE grouped matmul against
              the concatenated [E, D, 2F] weights (measured slower on an H200:
@@ -142,8 +149,14 @@ def build(spec: LayerSpec, impl: str | None):
     out = mm((jax.nn.silu(gate) * up).astype(rows.dtype), params.w_down)
     return jnp.sum(out.astype(jnp.float32) * c)
 
-  grad = lambda f, n: jax.jit(jax.grad(f, argnums=tuple(range(n))))
+  # value_and_grad, as a training step computes it: the loss value needs the
+  # layer's output. With `jax.grad` alone XLA drops the dense FFN's down-projection
+  # forward (its output feeds only the discarded loss value), so the ceiling ran
+  # 8 of its 9 products, while moe_ffn keeps all 9 (the routing weights' gradient
+  # needs the experts' outputs). `dense_xla_flops_vs_active` records the check.
+  grad = lambda f, n: jax.jit(jax.value_and_grad(f, argnums=tuple(range(n))))
   return dict(moe=grad(moe_loss, 2), dense=grad(dense_loss, 2),
+              dense_grad_only=jax.jit(jax.grad(dense_loss, argnums=(0, 1))),
               dispatch=grad(dispatch_loss, 2), experts=grad(experts_loss, 2),
               experts_fused_gate_up=grad(experts_fused_loss, 2), config=config)
 
@@ -166,6 +179,17 @@ def dispatch_bytes(spec: LayerSpec, x, params, config) -> dict:
   except Exception as e:  # some backends do not report it
     out["error"] = repr(e)[:200]
   return out
+
+
+def dense_flops_ratio(spec: LayerSpec, fn, args) -> float | None:
+  """XLA's FLOP count of the compiled dense fwd+bwd over the active FLOPs it
+  stands for (~1: all nine products run; 8/9 would mean one was dropped)."""
+  try:
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return round(float(cost["flops"]) / spec.flops, 4)
+  except Exception:  # noqa: BLE001  (a backend without a cost model)
+    return None
 
 
 def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool,
@@ -208,6 +232,7 @@ def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool,
   cs_rows = [jnp.tile(c, (spec.top_k, 1)) for c in cs]
   args = {
       "dense": lambda i: (xs[i], dense, cs[i]),
+      "dense_grad_only": lambda i: (xs[i], dense, cs[i]),
       "moe": lambda i: (xs[i], params, cs[i]),
       "experts": lambda i: (rows_sets[i], params, gs_sets[i], cs_rows[i]),
       "experts_fused_gate_up": lambda i: (rows_sets[i], params, gs_sets[i],
@@ -246,7 +271,8 @@ def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool,
   except Exception as e:  # noqa: BLE001
     rec["experts_fused_vs_unfused_error"] = repr(e)[:300]
   if "dense" in times:
-    for name in ("moe", "moe_xla", "experts", "experts_fused_gate_up"):
+    for name in ("moe", "moe_xla", "experts", "experts_fused_gate_up",
+                 "dense_grad_only"):
       if name in times:
         rec[f"{name}_vs_dense"] = round(times["dense"] / times[name], 4)
         rec[f"{name}_tflops"] = round(spec.flops / times[name] / 1e9, 2)
@@ -254,6 +280,9 @@ def run_case(spec: LayerSpec, *, quick: bool, with_xla: bool, smoke: bool,
   if "moe" in times and "dispatch" in times:
     rec["dispatch_share"] = round(times["dispatch"] / times["moe"], 4)
   rec["dispatch_buffers"] = dispatch_bytes(spec, xs[0], params, fns["config"])
+  if "dense" in calls:
+    rec["dense_xla_flops_vs_active"] = dense_flops_ratio(spec, fns["dense"],
+                                                         args["dense"](0))
   if profile:
     rec["profile"] = {name: profile_call(fns[name], args[name], n_sets)
                       for name in ("moe", "experts", "dispatch", "dense")
@@ -356,8 +385,8 @@ def main(argv=None):
                  " fwd/bwd) and the top kernels. Turns XLA's command buffers off"
                  " for the whole run (so the timings are without them too)")
   p.add_argument("--methods", nargs="*", default=None,
-                 help="time only these (dense, moe, experts, experts_fused_gate_up,"
-                 " dispatch; default all)")
+                 help="time only these (dense, dense_grad_only, moe, experts,"
+                 " experts_fused_gate_up, dispatch; default all)")
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
   if args.profile:
     profiling.disable_command_buffers()

@@ -32,3 +32,20 @@ def test_layer_profile_attributes_the_stages(tmp_path, monkeypatch):
   assert not any(s.split()[0] in ("router", "dispatch", "experts", "combine")
                  for s in rec["profile"]["dense"]["by_stage"])
   assert rec["dispatch_ms"] > 0 and rec["dense_ms"] > 0
+
+
+@pytest.mark.cpu
+def test_dense_ceiling_runs_all_nine_products():
+  # The ceiling is timed as value_and_grad: its forward output is computed, so
+  # XLA keeps all 3 forward and 6 backward products (with `jax.grad` alone it
+  # dropped the down projection's forward: 8 dots, 8/9 of the active FLOPs).
+  spec = moe_layer.SMOKE["tiny"]
+  params, dense, xs, cs = moe_layer.make_inputs(spec, 1)
+  fns = moe_layer.build(spec, None)
+  compiled = fns["dense"].lower(xs[0], dense, cs[0]).compile()
+  assert compiled.as_text().count(" dot(") == 9
+  ratio = moe_layer.dense_flops_ratio(spec, fns["dense"], (xs[0], dense, cs[0]))
+  assert ratio == pytest.approx(1.0, abs=0.05)
+  # The moe path computes the same loss value it differentiates.
+  loss, grads = fns["moe"](xs[0], params, cs[0])
+  assert loss.shape == () and len(grads) == 2
