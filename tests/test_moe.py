@@ -10,7 +10,7 @@ import pytest
 
 import jmoe
 from tests import oracle
-from tests.utils import assert_rel, assert_tree_rel
+from tests.utils import assert_rel, assert_tree_rel, rel_err
 
 T, D, F, E = 24, 16, 32, 8
 
@@ -107,6 +107,29 @@ def test_expert_choice_with_capacity_factor():
 def test_bfloat16_activations():
   x, params = make(jax.random.key(9), dtype=jnp.bfloat16)
   check_against_oracle(x, params, jmoe.MoEConfig(), grads=False)
+
+
+@pytest.mark.parametrize("t,d,e", [(64, 128, 8), (33, 96, 5)])
+@pytest.mark.parametrize("router_dtype", [jnp.float32, jnp.bfloat16])
+def test_router_logits_are_float32_exact_for_bfloat16_tokens(t, d, e, router_dtype):
+  # bfloat16 tokens take the split-bfloat16 path (`_router_dot_bf16`): against a
+  # float64 oracle, logits and the router gradient to float32 rounding (what a
+  # float32 HIGHEST matmul gives), the token gradient to bfloat16 rounding.
+  kx, kw, kg = jax.random.split(jax.random.key(t), 3)
+  x = jax.random.normal(kx, (t, d), jnp.bfloat16)
+  w = (jax.random.normal(kw, (d, e)) * d ** -0.5).astype(router_dtype)
+  g = jax.random.normal(kg, (t, e), jnp.float32)
+  y, vjp = jax.vjp(jax.jit(jmoe._src.moe.router_logits), x, w)
+  dx, dw = vjp(g)
+  assert (y.dtype, dx.dtype, dw.dtype) == (jnp.float32, x.dtype, w.dtype)
+  X, W, G = (np.asarray(a, np.float64) for a in (x, w, g))
+  assert rel_err(y, X @ W) < 1e-6, "logits"
+  # A bfloat16 router's gradient is rounded to bfloat16 (2^-9 relative).
+  assert rel_err(dw, X.T @ G) < (1e-6 if router_dtype == jnp.float32 else 4e-3)
+  assert rel_err(dx, G @ W.T) < 4e-3, "d x: bfloat16 rounding"
+  # The float32 path (float32 tokens) agrees with it.
+  y32 = jmoe._src.moe.router_logits(x.astype(jnp.float32), w)
+  assert rel_err(y32, X @ W) < 1e-6, "float32-token logits"
 
 
 def test_aux_metrics():

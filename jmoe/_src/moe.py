@@ -263,12 +263,71 @@ def expert_ffn(rows: Array, w_up: Array, w_down: Array, w_gate: Array | None,
   return mm(name(h.astype(dt), HIDDEN), w_down)
 
 
+def _bf16_pieces(a: Array) -> tuple[Array, Array, Array]:
+  """Three bfloat16 arrays whose float32 sum is `a` (float32): 3 x 8 mantissa bits
+  hold float32's 24, so the split is exact for normal values."""
+  a = a.astype(jnp.float32)
+  hi = a.astype(jnp.bfloat16)
+  r = a - hi.astype(jnp.float32)
+  mid = r.astype(jnp.bfloat16)
+  return hi, mid, (r - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _dot_f32(a: Array, b: Array) -> Array:
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _block_sum(y: Array, parts: int) -> Array:
+  """y [T, parts * E] -> [T, E]: the sum of its column blocks, last first."""
+  blocks = jnp.split(y, parts, axis=-1)
+  acc = blocks[-1]
+  for b in blocks[-2::-1]:
+    acc = acc + b
+  return acc
+
+
+@jax.custom_vjp
+def _router_dot_bf16(x: Array, router: Array) -> Array:
+  """float32 x @ router for bfloat16 x, on bfloat16 products: x is exact in
+  bfloat16 and router = hi + mid + lo exactly, so x @ [hi | mid | lo] (one
+  matmul with float32 accumulation) has float32 HIGHEST's exact products, only
+  summed in another order. Tensor cores instead of float32 FMA on GPUs (an
+  H200's float32 router matmuls took ~0.4 ms of a 10 ms OLMoE layer; NOTES.md)."""
+  return _block_sum(_dot_f32(x, jnp.concatenate(_bf16_pieces(router), 1)), 3)
+
+
+def _router_dot_fwd(x, router):
+  return _router_dot_bf16(x, router), (x, router)
+
+
+def _router_dot_bwd(res, g):
+  x, router = res
+  g_hi, g_mid, g_lo = _bf16_pieces(g)
+  w_hi, w_mid, w_lo = _bf16_pieces(router)
+  # d router = x^T g: x exact, g = g_hi + g_mid + g_lo, so the products are exact.
+  dr = _block_sum(_dot_f32(x.T, jnp.concatenate([g_hi, g_mid, g_lo], 1)), 3)
+  # d x = g router^T: both float32; the six pieces' products down to 2^-16 of
+  # the leading one (the three left out are ~2^-24 of it), in one matmul.
+  a = jnp.concatenate([g_hi, g_hi, g_mid, g_hi, g_mid, g_lo], 1)
+  b = jnp.concatenate([w_hi, w_mid, w_hi, w_lo, w_mid, w_hi], 1)
+  dx = _dot_f32(a, b.T)
+  return dx.astype(x.dtype), dr.astype(router.dtype)
+
+
+_router_dot_bf16.defvjp(_router_dot_fwd, _router_dot_bwd)
+
+
 def router_logits(x: Array, router: Array) -> Array:
   """float32 [T, E] = x @ router, in float32 whatever the activation dtype
-  (tagged `ROUTER_LOGITS` for `jax.checkpoint` policies)."""
-  return checkpoint_name(
-      jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32),
-              precision=jax.lax.Precision.HIGHEST), ROUTER_LOGITS)
+  (tagged `ROUTER_LOGITS` for `jax.checkpoint` policies). bfloat16 x runs as
+  bfloat16 products that are exact in float32 (`_router_dot_bf16`); other dtypes
+  as a float32 HIGHEST matmul."""
+  if x.dtype == jnp.bfloat16:
+    logits = _router_dot_bf16(x, router)
+  else:
+    logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+  return checkpoint_name(logits, ROUTER_LOGITS)
 
 
 def route_tokens(x: Array, params: MoEParams, config: MoEConfig,
