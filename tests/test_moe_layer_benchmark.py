@@ -22,11 +22,9 @@ def test_layer_profile_attributes_the_stages(tmp_path, monkeypatch):
   assert set(rec["profile"]) == {"dense", "dispatch"}  # --methods is honoured
   assert "moe_ms" not in rec
   disp = rec["profile"]["dispatch"]
-  # Every stage of the routing + permutation path, forward and backward. (The
-  # permute's backward, a sum of gathered rows, fuses into the add of the
-  # router's token gradient, so XLA names it after the router's scope.)
-  assert {"router fwd", "router bwd", "dispatch fwd", "combine fwd",
-          "combine bwd"} <= set(disp["by_stage"])
+  # Every stage of the routing + permutation path, forward and backward.
+  assert {"router fwd", "router bwd", "dispatch fwd", "dispatch bwd",
+          "combine fwd", "combine bwd"} <= set(disp["by_stage"])
   assert sum(disp["by_stage"].values()) == pytest.approx(
       disp["device_busy_ms"], rel=1e-2, abs=1e-3)
   assert all(k["ms"] > 0 for k in disp["top_kernels"])

@@ -208,23 +208,11 @@ def _permute_fwd(x, row_token, slot_row):
   return _take_rows(x, row_token), slot_row
 
 
-def _sum_rows(rows: Array, index: Array, weights: Array | None = None) -> Array:
-  """float32 sum_j weights[:, j] * rows[index[:, j]] (zeros for out-of-range
-  entries), one gathered row at a time in j order: XLA emits it as one
-  elementwise loop over [T, D] reading k rows per output row (a reduction over the
-  middle axis of a gathered [T, k, D] ran at about half the memory bandwidth on an
-  H200: benchmarks/NOTES.md, fifth session)."""
-  acc = None
-  for j in range(index.shape[1]):
-    term = _take_rows(rows, index[:, j]).astype(jnp.float32)
-    if weights is not None:
-      term = term * weights[:, j:j + 1].astype(jnp.float32)
-    acc = term if acc is None else acc + term
-  return acc
-
-
 def _permute_bwd(slot_row, drows):
-  return _sum_rows(drows, slot_row).astype(drows.dtype), None, None
+  t, k = slot_row.shape
+  dx = _take_rows(drows, slot_row.reshape(t * k)).reshape(t, k, drows.shape[-1])
+  dx = jnp.sum(dx.astype(jnp.float32), axis=1).astype(drows.dtype)
+  return dx, None, None
 
 
 gather_rows.defvjp(_permute_fwd, _permute_bwd)
@@ -233,7 +221,11 @@ gather_rows.defvjp(_permute_fwd, _permute_bwd)
 # combine: y[t] = sum_j w[t, j] * rows[slot_row[t, j]].
 # Backward: drows[r] = w[row_slot[r]] * dy[row_token[r]];  dw[t, j] = <dy[t], rows[slot_row[t, j]]>.
 def _combine_impl(rows, weights, slot_row):
-  return _sum_rows(rows, slot_row, weights).astype(rows.dtype)
+  t, k = slot_row.shape
+  g = _take_rows(rows, slot_row.reshape(t * k)).reshape(t, k, rows.shape[-1])
+  y = jnp.einsum("tkd,tk->td", g, weights.astype(jnp.float32),
+                 preferred_element_type=jnp.float32)
+  return y.astype(rows.dtype)
 
 
 @jax.custom_vjp
