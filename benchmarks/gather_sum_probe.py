@@ -3,8 +3,10 @@
     out[t] = sum_j rows[idx[t, j]]   (rows [R, D] bf16, idx [T, k] a dispatch plan's
                                       slot_row; zeros where idx is out of range)
 
-Checks jmoe's Mosaic kernel (and a Pallas-Triton one, for comparison) bitwise
-against a float32 sum in j order, then times, in one run: XLA's fusion as jmoe's
+Checks a Mosaic-GPU kernel written for it (below: one TMA box per row, float32
+sum from shared memory; not part of jmoe, see NOTES.md, sixth session) and a
+Pallas-Triton one bitwise against a float32 sum in j order (XLA's differs only
+where the probe's index -1 meets jnp.take's negative-index wrap), then times, in one run: XLA's fusion as jmoe's
 permute backward writes it, the kernels at a few blocks, each also with the
 router's token gradient added after it (the permute backward's cotangent meets it
 in the layer), and an HBM ceiling: an elementwise pass over the same bytes.
@@ -23,12 +25,12 @@ import sys
 import traceback
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.mosaic_probe import timeit
 from jmoe._src import permute as pmod
-from jmoe._src.gather_sum import pallas_mosaic_gpu as gsm
 
 BF16 = jnp.bfloat16
 CASES = {  # name: (tokens, k, experts, d_model), the layer benchmark's shapes
@@ -71,6 +73,107 @@ def xla_permute_bwd(rows, idx):
   return jnp.sum(g.reshape(t, k, -1).astype(jnp.float32), axis=1).astype(rows.dtype)
 
 
+# --- the Mosaic-GPU gather-sum (measured, not wired in: NOTES, sixth session) ---
+
+Array = jax.Array
+_SMEM_BUDGET = 48 * 1024  # bytes of row slabs per CTA (several CTAs per SM)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GatherSumConfig:
+  """Block of one CTA: `block_t` tokens x `block_c` chunks of `chunk` columns."""
+
+  chunk: int
+  block_c: int
+  block_t: int
+
+def _plgpu():
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+  return plgpu
+
+def config_for(num_tokens: int, k: int, d: int, dtype) -> GatherSumConfig | None:
+  """The default block for [T, k] x [R, D], or None where the kernel does not
+  apply (D not a multiple of 8 -- TMA needs 16-byte row strides -- or a block
+  smaller than one warpgroup's vector width)."""
+  item = jnp.dtype(dtype).itemsize
+  if d % 8 or item != 2 or num_tokens < 1 or k < 1:
+    return None
+  chunk = next(c for c in (256, 128, 64, 32, 16, 8) if d % c == 0)
+  nc = d // chunk
+  # Column chunks per CTA: the whole row where its k slabs fit the budget.
+  block_c = nc
+  while block_c > 1 and k * block_c * chunk * item > _SMEM_BUDGET:
+    block_c = (block_c + 1) // 2
+    while nc % block_c:
+      block_c -= 1
+  block_t = 1
+  while (block_t * 2 <= min(num_tokens, 16)
+         and k * 2 * block_t * block_c * chunk * item <= _SMEM_BUDGET):
+    block_t *= 2
+  if block_t * block_c * chunk < 1024:  # 128 threads x 8 elements
+    return None
+  return GatherSumConfig(chunk=chunk, block_c=block_c, block_t=block_t)
+
+def _kernel(idx_gmem, rows_gmem, out_gmem, buf, out_smem, ready, *, k: int,
+            num_tokens: int, cfg: GatherSumConfig):
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  plgpu = _plgpu()
+  bt, bc = cfg.block_t, cfg.block_c
+  t0 = lax.axis_index("t") * bt
+  c0 = lax.axis_index("c") * bc
+  for i in range(bt):
+    tok = jnp.minimum(t0 + i, num_tokens - 1)  # the last block's spare rows
+    for j in range(k):
+      r = idx_gmem[tok, j]
+      plgpu.copy_gmem_to_smem(rows_gmem.at[pl.ds(r, 1), pl.ds(c0, bc)],
+                              buf.at[j, pl.ds(i, 1)], ready)
+  plgpu.barrier_wait(ready)
+  acc = buf[0].astype(jnp.float32)
+  for j in range(1, k):
+    acc = acc + buf[j].astype(jnp.float32)
+  out_smem[...] = acc.astype(out_smem.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(t0, bt), pl.ds(c0, bc)])
+  plgpu.wait_smem_to_gmem(0)
+
+def gather_sum(rows: Array, idx: Array, *, out_dtype=None,
+               cfg: GatherSumConfig | None = None) -> Array:
+  """out [T, D] = sum_j rows[idx[t, j]], float32 sums, out_dtype (rows.dtype).
+
+  rows: [R, D] bf16 or f16; idx: int32 [T, k], entries outside [0, R) add zero.
+  `cfg` defaults to `config_for` (which must not be None for these shapes).
+  """
+  plgpu = _plgpu()
+  (num_rows, d), (t, k) = rows.shape, idx.shape
+  out_dtype = jnp.dtype(out_dtype or rows.dtype)
+  cfg = cfg or config_for(t, k, d, rows.dtype)
+  if cfg is None:
+    raise ValueError(f"gather_sum: no Mosaic block for rows {rows.shape} "
+                     f"{rows.dtype}, idx {idx.shape}.")
+  nc = d // cfg.chunk
+  idx = idx.astype(jnp.int32)
+  # Every out-of-range index becomes R: one box past the end (zeros).
+  idx = jnp.where((idx >= 0) & (idx < num_rows), idx, num_rows)
+  rows3 = rows.reshape(num_rows, nc, cfg.chunk)
+  bt = min(cfg.block_t, t)
+  cfg = dataclasses.replace(cfg, block_t=bt)
+  slab = (cfg.block_c, cfg.chunk)
+  kernel = plgpu.kernel(
+      functools.partial(_kernel, k=k, num_tokens=t, cfg=cfg),
+      out_type=jax.ShapeDtypeStruct((t, nc, cfg.chunk), out_dtype),
+      grid=(pl_cdiv(t, bt), nc // cfg.block_c),
+      grid_names=("t", "c"),
+      scratch_types=[
+          plgpu.SMEM((k, bt, *slab), rows.dtype),
+          plgpu.SMEM((bt, *slab), out_dtype),
+          plgpu.Barrier(num_arrivals=k * bt),
+      ],
+  )
+  return kernel(idx, rows3).reshape(t, d)
+
+def pl_cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
 # --- a Pallas-Triton gather-sum, for comparison ---------------------------------
 
 def triton_gather_sum(rows, idx, *, bt=16, bd=256, num_warps=4, interpret=False):
@@ -105,14 +208,14 @@ def triton_gather_sum(rows, idx, *, bt=16, bd=256, num_warps=4, interpret=False)
 
 
 def configs_for(t, k, d):
-  base = gsm.config_for(t, k, d, BF16)
+  base = config_for(t, k, d, BF16)
   out = [("mosaic_default", base)]
   nc = d // base.chunk
   for bt, bc in ((1, nc), (2, nc), (4, nc // 2), (2, nc // 2), (1, nc // 2),
                  (4, nc // 4), (8, nc // 4)):
     if bc < 1 or nc % bc:
       continue
-    c = gsm.GatherSumConfig(chunk=base.chunk, block_c=bc, block_t=bt)
+    c = GatherSumConfig(chunk=base.chunk, block_c=bc, block_t=bt)
     if c != base and k * bt * bc * base.chunk * 2 <= 160 * 1024:
       out.append((f"mosaic_t{bt}_c{bc}", c))
   return out
@@ -134,7 +237,7 @@ def main(argv=None):
       idx, r = plan_idx(kk, t, k, e, drop_frac=drop)
       rows = jax.random.normal(jax.random.fold_in(kk, 2), (r, d), BF16)
       want = np.asarray(oracle(rows, idx).astype(jnp.float32))
-      for name, fn in (("mosaic", lambda x, i: gsm.gather_sum(x, i)),
+      for name, fn in (("mosaic", lambda x, i: gather_sum(x, i)),
                        ("triton", triton_gather_sum),
                        ("xla", xla_permute_bwd)):
         entry = dict(shape=[t, k, e, d], drop=drop, impl=name)
@@ -163,7 +266,7 @@ def main(argv=None):
                results={})
     fns = [("xla", xla_permute_bwd)]
     for name, cfg in configs_for(t, k, d):
-      fns.append((name, functools.partial(gsm.gather_sum, cfg=cfg)))
+      fns.append((name, functools.partial(gather_sum, cfg=cfg)))
     for bt, bd, nw in ((16, 256, 4), (8, 512, 4), (32, 256, 8), (16, 512, 8)):
       fns.append((f"triton_t{bt}_d{bd}_w{nw}",
                   functools.partial(triton_gather_sum, bt=bt, bd=bd, num_warps=nw)))
