@@ -51,6 +51,25 @@ def test_lowers_for_cuda(case, op):
   assert f"jmoe_mosaic_{op}" in text
 
 
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}")
+def test_sum_of_two_products_lowers_as_one_kernel(case):
+  """gmm_sum (the input gradient of gmm_pair): one launch whose K loop walks both
+  pairs; pairs of different shapes are refused by gmm_call (gmm_sum then runs
+  two launches)."""
+  m, k, n, g, num_local, dt, out_dt, _ = case
+  cfg = pm.heuristic_config("gmm_t", m, k, n, num_local, dt)
+  gs, off = S((g,), jnp.int32), S((), jnp.int32)
+  call = lambda a, b, a2, b2, s, o: pm.gmm_call(
+      a, b, s, o, transpose_rhs=True, out_dtype=out_dt, cfg=cfg, num_sms=132,
+      second=(a2, b2))
+  lhs, rhs = S((m, k), dt), S((num_local, n, k), dt)
+  text = lower(call, lhs, rhs, lhs, rhs, gs, off)
+  assert text.count("jmoe_mosaic_gmm_t") >= 1 and "mosaic_gpu" in text
+  with pytest.raises(ValueError, match="second pair"):
+    lower(call, lhs, rhs, S((m, k + 8), dt), S((num_local, n, k + 8), dt), gs,
+          off)
+
+
 def test_too_much_shared_memory_is_refused_at_lowering():
   cfg = pm.MosaicConfig(tile_m=128, tile_n=256, max_concurrent_steps=6)
   with pytest.raises(ValueError, match="shared memory"):

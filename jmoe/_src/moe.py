@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jmoe._src import checks
 from jmoe._src import permute as permute_lib
 from jmoe._src import routing as routing_lib
-from jmoe._src.gmm.api import gmm
+from jmoe._src.gmm.api import gmm, gmm_pair
 # The parameters' one home; imported here because the layer takes them.
 from jmoe._src.params import ACTIVATIONS, Activation, FFNParams, MoEParams  # noqa: F401
 from jmoe._src.params import activation_of, check_params, init_params, is_glu  # noqa: F401
@@ -255,11 +255,15 @@ def expert_ffn(rows: Array, w_up: Array, w_down: Array, w_gate: Array | None,
   name = checkpoint_name
   mm = lambda a, w: gmm(a, w.astype(dt), group_sizes, group_offset=group_offset,
                         implementation=implementation)
-  up = name(mm(rows, w_up), UP).astype(jnp.float32)
   if act.glu:
-    h = act.fn(name(mm(rows, w_gate), GATE).astype(jnp.float32)) * up
+    # One primitive for both products of rows: its input gradient is one product
+    # (one kernel on the Mosaic backend), not two [R, D] arrays added by the AD.
+    gate, up = gmm_pair(rows, w_gate.astype(dt), w_up.astype(dt), group_sizes,
+                        group_offset=group_offset, implementation=implementation)
+    up = name(up, UP).astype(jnp.float32)
+    h = act.fn(name(gate, GATE).astype(jnp.float32)) * up
   else:
-    h = act.fn(up)
+    h = act.fn(name(mm(rows, w_up), UP).astype(jnp.float32))
   return mm(name(h.astype(dt), HIDDEN), w_down)
 
 

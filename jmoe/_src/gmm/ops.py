@@ -106,6 +106,7 @@ class Backend(NamedTuple):
   supports_dtype: Callable[[Any], bool]
   supports_precision: Callable[[Any, Any], bool]
   fallback: str | None
+  gmm_sum: Callable[..., Array] | None = None  # one-launch sum of two products
 
 
 def canonical_name(implementation: str, fn: str = "gmm") -> str:
@@ -128,7 +129,9 @@ def backend(name: str) -> Backend:
                  supports_dtype=module.supports_dtype,
                  supports_precision=getattr(module, "supports_precision",
                                             lambda precision, dtype: True),
-                 fallback=getattr(module, "FALLBACK", None))
+                 fallback=getattr(module, "FALLBACK", None),
+                 gmm_sum=(bind(module.gmm_sum) if hasattr(module, "gmm_sum")
+                          else None))
 
 
 def resolve(implementation: str, dtype, static_shapes: bool = True,
@@ -366,12 +369,12 @@ def check_platforms(implementation: str, name: str, platforms) -> None:
         " interpreter, for tests).")
 
 
-def _lower(fn, ctx, *args):
+def _lower(fn, ctx, *args, multiple_results: bool = False):
   """Lowers `fn` (a backend's product) in place of the primitive."""
   ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
                     avals_out=[_plain(a) for a in ctx.avals_out])
   with _unchecked_vma():
-    return mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
+    return mlir.lower_fun(fn, multiple_results=multiple_results)(ctx, *args)
 
 
 # ----------------------------------------------------------------------------
@@ -534,6 +537,186 @@ _register(tgmm_p, _tgmm_abstract_eval, _bilinear_jvp(_bind_tgmm, tgmm_p),
           _tgmm_transpose, _tgmm_lowering)
 
 
+# -- Two products sharing their lhs (SwiGLU's gate and up), and their transpose.
+#
+# gmm_pair(lhs, rhs_a, rhs_b) = (lhs @ rhs_a[g], lhs @ rhs_b[g]) is one primitive,
+# so that its transpose in lhs is ONE product, gmm_sum(ct_a, rhs_a^T, ct_b,
+# rhs_b^T) = ct_a @ rhs_a[g]^T + ct_b @ rhs_b[g]^T: a backend with `gmm_sum`
+# (Mosaic) runs it as one kernel with one output, instead of two [m, k] input
+# gradients that the AD adds (two writes and two reads of the rows' gradient).
+
+gmm_pair_p = jex_core.Primitive("jmoe_gmm_pair")
+gmm_pair_p.multiple_results = True
+gmm_sum_p = jex_core.Primitive("jmoe_gmm_sum")
+
+
+def _bind_pair(lhs, rhs_a, rhs_b, group_sizes, group_offset, *, out_dtype,
+               precision, implementation, options):
+  dtype = compute_dtype(lhs.dtype, rhs_a.dtype)
+  args = _vary_together(_cast(lhs, dtype), _cast(rhs_a, dtype),
+                        _cast(rhs_b, dtype), group_sizes, group_offset)
+  return gmm_pair_p.bind(*args, out_dtype=jnp.dtype(out_dtype),
+                         precision=precision, implementation=implementation,
+                         options=options)
+
+
+def _bind_sum(lhs, rhs, lhs2, rhs2, group_sizes, group_offset, *, transpose_rhs,
+              out_dtype, precision, implementation, options):
+  dtype = compute_dtype(lhs.dtype, rhs.dtype)
+  args = _vary_together(_cast(lhs, dtype), _cast(rhs, dtype), _cast(lhs2, dtype),
+                        _cast(rhs2, dtype), group_sizes, group_offset)
+  return gmm_sum_p.bind(*args, transpose_rhs=bool(transpose_rhs),
+                        out_dtype=jnp.dtype(out_dtype), precision=precision,
+                        implementation=implementation, options=options)
+
+
+def _pair_abstract_eval(lhs, rhs_a, rhs_b, group_sizes, group_offset, *,
+                        out_dtype, **_):
+  del group_sizes, group_offset
+  return [_shaped(lhs, (lhs.shape[0], r.shape[2]), out_dtype)
+          for r in (rhs_a, rhs_b)]
+
+
+def _sum_abstract_eval(lhs, rhs, lhs2, rhs2, group_sizes, group_offset, *,
+                       transpose_rhs, out_dtype, **_):
+  del lhs2, rhs2, group_sizes, group_offset
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  return _shaped(lhs, (lhs.shape[0], n), out_dtype)
+
+
+def _pair_lowering(ctx, *args, out_dtype, precision, implementation, options):
+  lhs, rhs_a, rhs_b = ctx.avals_in[:3]
+  name = resolve(implementation, lhs.dtype,
+                 _static(lhs.shape, rhs_a.shape, rhs_b.shape), precision)
+  config = options.fwd if name == implementation else None
+  check_platforms(implementation, name, ctx.module_context.platforms)
+  mm = functools.partial(backend(name).gmm, transpose_rhs=False,
+                         out_dtype=out_dtype, precision=precision, config=config)
+
+  def fn(lhs, rhs_a, rhs_b, group_sizes, group_offset):
+    return [mm(lhs, rhs_a, group_sizes, group_offset),
+            mm(lhs, rhs_b, group_sizes, group_offset)]
+  return _lower(fn, ctx, *args, multiple_results=True)
+
+
+def _sum_lowering(ctx, *args, transpose_rhs, out_dtype, precision,
+                  implementation, options):
+  avals = ctx.avals_in[:4]
+  name = resolve(implementation, avals[0].dtype,
+                 _static(*(a.shape for a in avals)), precision)
+  config = ((options.dlhs if transpose_rhs else options.fwd)
+            if name == implementation else None)
+  check_platforms(implementation, name, ctx.module_context.platforms)
+  b = backend(name)
+  if b.gmm_sum is not None:
+    fn = functools.partial(b.gmm_sum, transpose_rhs=transpose_rhs,
+                           out_dtype=out_dtype, precision=precision,
+                           config=config)
+  else:
+    acc = functools.partial(b.gmm, transpose_rhs=transpose_rhs,
+                            out_dtype=accumulation_dtype(avals[0].dtype),
+                            precision=precision, config=config)
+
+    def fn(lhs, rhs, lhs2, rhs2, group_sizes, group_offset):
+      return (acc(lhs, rhs, group_sizes, group_offset)
+              + acc(lhs2, rhs2, group_sizes, group_offset)).astype(out_dtype)
+  return _lower(fn, ctx, *args)
+
+
+def _gmm_term(a, b, group_sizes, group_offset, *, transpose_rhs, params):
+  return _bind_gmm(a, b, group_sizes, group_offset, transpose_rhs=transpose_rhs,
+                   **params)
+
+
+def _pair_jvp(primals, tangents, **params):
+  lhs, rhs_a, rhs_b, group_sizes, group_offset = primals
+  dl, da, db = tangents[:3]
+  out = gmm_pair_p.bind(*primals, **params)
+  zero = lambda o: jnp.zeros_like(o)
+  if not jnp.issubdtype(params["out_dtype"], jnp.inexact):
+    return out, [ad.Zero(jax.typeof(o).to_tangent_aval()) for o in out]
+  ta, tb = (_bind_pair(dl, rhs_a, rhs_b, group_sizes, group_offset, **params)
+            if type(dl) is not ad.Zero else (None, None))
+  for t, (w, dw) in enumerate(((rhs_a, da), (rhs_b, db))):
+    if type(dw) is ad.Zero:
+      continue
+    term = _gmm_term(lhs, dw, group_sizes, group_offset, transpose_rhs=False,
+                     params=params)
+    if t == 0:
+      ta = term if ta is None else ta + term
+    else:
+      tb = term if tb is None else tb + term
+  return out, [zero(out[0]) if ta is None else ta,
+               zero(out[1]) if tb is None else tb]
+
+
+def _sum_jvp(primals, tangents, *, transpose_rhs, **params):
+  lhs, rhs, lhs2, rhs2, group_sizes, group_offset = primals
+  out = gmm_sum_p.bind(*primals, transpose_rhs=transpose_rhs, **params)
+  if not jnp.issubdtype(params["out_dtype"], jnp.inexact):
+    return out, ad.Zero(jax.typeof(out).to_tangent_aval())
+  terms = []
+  for a, b, da, db in ((lhs, rhs, *tangents[0:2]), (lhs2, rhs2, *tangents[2:4])):
+    if type(da) is not ad.Zero:
+      terms.append(_gmm_term(da, b, group_sizes, group_offset,
+                             transpose_rhs=transpose_rhs, params=params))
+    if type(db) is not ad.Zero:
+      terms.append(_gmm_term(a, db, group_sizes, group_offset,
+                             transpose_rhs=transpose_rhs, params=params))
+  if not terms:
+    return out, jnp.zeros_like(out)
+  return out, functools.reduce(lambda x, y: x + y, terms)
+
+
+def _pair_transpose(cts, lhs, rhs_a, rhs_b, group_sizes, group_offset, *,
+                    out_dtype, precision, implementation, options):
+  del out_dtype
+  ct_a, ct_b = cts
+  kw = dict(precision=precision, implementation=implementation, options=options)
+  live = [(c, w) for c, w in ((ct_a, rhs_a), (ct_b, rhs_b))
+          if type(c) is not ad.Zero]
+  dlhs = drhs_a = drhs_b = None
+  if ad.is_undefined_primal(lhs) and live:
+    dtype = lhs.aval.dtype
+    if len(live) == 2:  # the one product of the pair's input gradient
+      dlhs = _bind_sum(ct_a, rhs_a, ct_b, rhs_b, group_sizes, group_offset,
+                       transpose_rhs=True, out_dtype=dtype, **kw)
+    else:
+      (c, w), = live
+      dlhs = _bind_gmm(c, w, group_sizes, group_offset, transpose_rhs=True,
+                       out_dtype=dtype, **kw)
+  for i, (c, w) in enumerate(((ct_a, rhs_a), (ct_b, rhs_b))):
+    if ad.is_undefined_primal(w) and type(c) is not ad.Zero:
+      d = _bind_tgmm(lhs, c, group_sizes, group_offset, num_local=w.aval.shape[0],
+                     out_dtype=w.aval.dtype, **kw)
+      if i == 0:
+        drhs_a = d
+      else:
+        drhs_b = d
+  return [dlhs, drhs_a, drhs_b, None, None]
+
+
+def _sum_transpose(ct, lhs, rhs, lhs2, rhs2, group_sizes, group_offset, *,
+                   transpose_rhs, out_dtype, precision, implementation, options):
+  kw = dict(transpose_rhs=transpose_rhs, out_dtype=out_dtype, precision=precision,
+            implementation=implementation, options=options)
+  d1 = _gmm_transpose(ct, lhs, rhs, group_sizes, group_offset, **kw)[:2]
+  d2 = _gmm_transpose(ct, lhs2, rhs2, group_sizes, group_offset, **kw)[:2]
+  return [*d1, *d2, None, None]
+
+
+def _batch_multi(prim, args, dims, **params):
+  outs, _ = _batch(prim, args, dims, **params)
+  return outs, [0] * len(outs)
+
+
+_register(gmm_pair_p, _pair_abstract_eval, _pair_jvp, _pair_transpose,
+          _pair_lowering)
+batching.primitive_batchers[gmm_pair_p] = functools.partial(_batch_multi,
+                                                            gmm_pair_p)
+_register(gmm_sum_p, _sum_abstract_eval, _sum_jvp, _sum_transpose, _sum_lowering)
+
+
 # ----------------------------------------------------------------------------
 # Entry points
 
@@ -646,7 +829,8 @@ def _default_out_spec(fn: str, lhs, rhs, n_axis: int):
   return jax.sharding.PartitionSpec(rows, cols)
 
 
-def _sharded(fn: str, compute, args, out_sharding, n_axis: int):
+def _sharded(fn: str, compute, args, out_sharding, n_axis: int,
+             num_out: int | None = None):
   """compute(*args) with the result typed as lax.ragged_dot's: over Explicit mesh
   axes the products run inside `jax.sharding.auto_axes` (XLA partitions them as
   it partitions lax.ragged_dot on Auto axes) and the result gets `out_sharding`
@@ -662,6 +846,8 @@ def _sharded(fn: str, compute, args, out_sharding, n_axis: int):
   spec = out_sharding
   if spec is None:
     spec = _default_out_spec(fn, lhs, rhs, n_axis)
+  if num_out is not None:  # compute returns a tuple of like-sharded results
+    spec = (spec,) * num_out
   run = jax.sharding.auto_axes(compute, out_sharding=spec)
   if jax.sharding.get_abstract_mesh().empty and not isinstance(
       spec, jax.sharding.NamedSharding):
@@ -752,3 +938,44 @@ def tgmm(lhs, dy, group_sizes, group_offset=None, *, num_local: int,
   return _bind_tgmm(lhs, dy, gs, off, num_local=num_local, out_dtype=out_dtype,
                     precision=precision, implementation=impl,
                     options=options or _NO_OPTIONS)
+
+
+def gmm_pair(lhs, rhs_a, rhs_b, group_sizes, group_offset=None, *,
+             implementation: str | None = None,
+             options: GmmOptions | None = None) -> tuple[Array, Array]:
+  """(gmm(lhs, rhs_a), gmm(lhs, rhs_b)): two products of one lhs, as one primitive.
+
+  The same values, dtypes and derivatives as the two `gmm` calls; what differs is
+  the input gradient: the transpose in lhs is one product (`gmm_sum_p`, one
+  kernel on the Mosaic backend) instead of two summed by the AD. rhs_a and rhs_b
+  are [L, k, n_a] and [L, k, n_b] of one dtype (`jmoe.expert_ffn` passes SwiGLU's
+  gate and up weights). Arguments are checked by the caller (`api.gmm`'s checks).
+  """
+  fn = "gmm"
+  lhs, rhs_a, rhs_b = map(jnp.asarray, (lhs, rhs_a, rhs_b))
+  out_dtype = result_dtype(lhs.dtype, rhs_a.dtype, None, None)
+  impl = canonical_name(implementation or default_implementation(), fn)
+  m = lhs.shape[0]
+  num_local = rhs_a.shape[0]
+  group_sizes = jnp.asarray(group_sizes)
+  check_static_groups(fn, group_sizes.shape[0], num_local)
+  has_offset = group_offset is not None
+  offset = jnp.asarray(group_offset if has_offset else 0)
+
+  def compute(lhs, rhs_a, rhs_b, group_sizes, offset):
+    gs = _group_sizes(fn, group_sizes, m)
+    off = _group_offset(fn, offset if has_offset else None, gs.shape[0],
+                        num_local)
+    k = lhs.shape[1]
+    if any(map(_is_zero, (m, k, rhs_a.shape[2], rhs_b.shape[2], num_local))):
+      return tuple(gmm(lhs, r, group_sizes, offset if has_offset else None,
+                       implementation=impl, options=options)
+                   for r in (rhs_a, rhs_b))
+    dtype = compute_dtype(lhs.dtype, rhs_a.dtype)
+    resolve(impl, dtype, _static(lhs.shape, rhs_a.shape, rhs_b.shape))
+    return tuple(_bind_pair(lhs, rhs_a, rhs_b, gs, off, out_dtype=out_dtype,
+                            precision=None, implementation=impl,
+                            options=options or _NO_OPTIONS))
+
+  return _sharded(fn, compute, (lhs, rhs_a, rhs_b, group_sizes, offset), None,
+                  2, num_out=2)

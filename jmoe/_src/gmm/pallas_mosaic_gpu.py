@@ -7,6 +7,11 @@ Three products, two kernels, one structure (that of JAX's `hopper_matmul_mgpu`):
   as [n, k] tiles and hands wgmma their transpose (rhs^T is never written to HBM).
 * `_tgmm_kernel` -- the weight gradient drhs[g] = lhs[rows_g]^T @ dy[rows_g].
 
+`_gmm_kernel` also takes a second (lhs, rhs) pair of the same shapes and sums both
+products in its accumulator (`gmm_sum`): the input gradient of rows that feed two
+products (SwiGLU's gate and up) as one K loop of twice the depth and one store,
+instead of two [m, n] outputs that XLA adds afterwards.
+
 Both are persistent (one CTA per SM, `plgpu.nd_loop` over the work items) and warp
 specialised: three warpgroups per CTA, a memory warpgroup that issues the TMA loads
 of a `max_concurrent_steps`-deep pipeline (`_warp_specialized`: one ring of SMEM
@@ -378,10 +383,15 @@ def _mesh_fields(plgpu) -> frozenset:
 # Forward and input gradient
 
 
-def _gmm_kernel(num_ref, table_ref, lhs_gmem, rhs_gmem, out_gmem, *,
+def _gmm_kernel(num_ref, table_ref, lhs_gmem, rhs_gmem, *rest,
                 cfg: MosaicConfig, transpose_rhs: bool):
+  """rest = (out,), or (lhs2, rhs2, out) for the sum of two products with the
+  same shapes (`gmm_sum`): each tile's K loop walks (lhs, rhs) and then (lhs2,
+  rhs2) into one accumulator."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   plgpu = _plgpu()
+  *second, out_gmem = rest
+  pairs = [(lhs_gmem, rhs_gmem)] + ([tuple(second)] if second else [])
   dtype = lhs_gmem.dtype
   out_dtype = out_gmem.dtype
   _, kdim = lhs_gmem.shape
@@ -425,20 +435,35 @@ def _gmm_kernel(num_ref, table_ref, lhs_gmem, rhs_gmem, out_gmem, *,
 
     def steps(it):
       # Visits of rows outside the local groups run no step and store zeros.
-      return jnp.where(it["compute"], jnp.int32(k_iters), jnp.int32(0))
+      return jnp.where(it["compute"], jnp.int32(k_iters * len(pairs)),
+                       jnp.int32(0))
 
-    def load(it, s, a_slot, b_slot, barrier):
-      k0 = s * tile_k
+    def load_pair(lhs_ref, rhs_ref, it, kk, a_slot, b_slot, barrier):
+      k0 = kk * tile_k
       plgpu.copy_gmem_to_smem(
-          lhs_gmem.at[pl.ds(it["row0"], tile_m), pl.ds(k0, tile_k)], a_slot,
+          lhs_ref.at[pl.ds(it["row0"], tile_m), pl.ds(k0, tile_k)], a_slot,
           barrier)
       if transpose_rhs:
-        rhs_block = rhs_gmem.at[it["group"], pl.ds(it["n0"], cta_n),
-                                pl.ds(k0, tile_k)]
+        rhs_block = rhs_ref.at[it["group"], pl.ds(it["n0"], cta_n),
+                               pl.ds(k0, tile_k)]
       else:
-        rhs_block = rhs_gmem.at[it["group"], pl.ds(k0, tile_k),
-                                pl.ds(it["n0"], cta_n)]
+        rhs_block = rhs_ref.at[it["group"], pl.ds(k0, tile_k),
+                               pl.ds(it["n0"], cta_n)]
       plgpu.copy_gmem_to_smem(rhs_block, b_slot, barrier)
+
+    def load(it, s, a_slot, b_slot, barrier):
+      if len(pairs) == 1:
+        load_pair(*pairs[0], it, s, a_slot, b_slot, barrier)
+        return
+      first = s < k_iters
+
+      @pl.when(first)
+      def _first():
+        load_pair(*pairs[0], it, s, a_slot, b_slot, barrier)
+
+      @pl.when(jnp.logical_not(first))
+      def _second():
+        load_pair(*pairs[1], it, s - k_iters, a_slot, b_slot, barrier)
 
     def mma(it, s, a_slot, b_slot, acc_ref):
       del it, s
@@ -493,11 +518,14 @@ def _pad_to(x, axis: int, multiple: int, minimum: int = 0):
 
 def gmm_call(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
              transpose_rhs: bool, out_dtype, cfg: MosaicConfig,
-             num_sms: int | None = None) -> Array:
+             num_sms: int | None = None, second: tuple[Array, Array] | None = None
+             ) -> Array:
   """One launch of the forward (or, with transpose_rhs, input-gradient) kernel.
 
   lhs: [m, k]; rhs: [L, k, n] (or [L, n, k]); group_sizes: int32 [G];
-  group_offset: int32 []. Returns [m, n] in out_dtype.
+  group_offset: int32 []. Returns [m, n] in out_dtype. With `second` = (lhs2,
+  rhs2) of the same shapes, returns lhs @ rhs[g] + lhs2 @ rhs2[g] (`gmm_sum`),
+  summed in the float32 accumulator.
   """
   plgpu = _plgpu()
   m, k = lhs.shape
@@ -508,9 +536,20 @@ def gmm_call(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
   # bytes, and a box may not exceed its array: pad k and n to multiples of 64
   # and at least one block, m to a multiple of 8 and at least one tile (zeros;
   # a copy, only for shapes that need it).
-  lhs_p = _pad_to(_pad_to(lhs, 1, _PAD, cfg.tile_k), 0, _ALIGN, cfg.tile_m)
   k_ax, n_ax = (2, 1) if transpose_rhs else (1, 2)
-  rhs_p = _pad_to(_pad_to(rhs, k_ax, _PAD, cfg.tile_k), n_ax, _PAD, cta_n)
+  pad_lhs = lambda a: _pad_to(_pad_to(a, 1, _PAD, cfg.tile_k), 0, _ALIGN,
+                              cfg.tile_m)
+  pad_rhs = lambda b: _pad_to(_pad_to(b, k_ax, _PAD, cfg.tile_k), n_ax, _PAD,
+                              cta_n)
+  lhs_p, rhs_p = pad_lhs(lhs), pad_rhs(rhs)
+  operands = [lhs_p, rhs_p]
+  if second is not None:
+    lhs2, rhs2 = second
+    if lhs2.shape != lhs.shape or rhs2.shape != rhs.shape:
+      raise ValueError(f"gmm_call: the second pair's shapes {lhs2.shape}, "
+                       f"{rhs2.shape} must be the first's {lhs.shape}, "
+                       f"{rhs.shape}.")
+    operands += [pad_lhs(lhs2), pad_rhs(rhs2)]
   m_p = lhs_p.shape[0]
   n_p = rhs_p.shape[n_ax]
   tiles = tiling.row_tiles(group_sizes, m_p, cfg.tile_m, num_local, group_offset,
@@ -519,7 +558,7 @@ def gmm_call(lhs: Array, rhs: Array, group_sizes: Array, group_offset: Array, *,
       plgpu, functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
       (m_p, n_p), out_dtype, num_sms,
       "jmoe_mosaic_gmm_t" if transpose_rhs else "jmoe_mosaic_gmm")
-  out = kernel(tiles.num_tiles.reshape(1), tiles.table, lhs_p, rhs_p)
+  out = kernel(tiles.num_tiles.reshape(1), tiles.table, *operands)
   if (m_p, n_p) != (m, n):
     out = out[:m, :n]
   return out
@@ -705,6 +744,26 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs: bool, out_dtype,
               rhs.shape[0], lhs.dtype)
   return gmm_call(lhs, rhs, group_sizes, group_offset,
                   transpose_rhs=transpose_rhs, out_dtype=out_dtype, cfg=cfg)
+
+
+def gmm_sum(lhs, rhs, lhs2, rhs2, group_sizes, group_offset, *,
+            transpose_rhs: bool, out_dtype, precision=None, config=None) -> Array:
+  """lhs @ rhs[g] + lhs2 @ rhs2[g] in one launch (one float32 accumulator, one
+  store) when the pairs have the same shapes -- the input gradient of rows
+  shared by the gate and up products; else two launches summed in float32."""
+  if lhs2.shape != lhs.shape or rhs2.shape != rhs.shape:
+    kw = dict(transpose_rhs=transpose_rhs, out_dtype=jnp.float32,
+              precision=precision, config=config)
+    return (gmm(lhs, rhs, group_sizes, group_offset, **kw)
+            + gmm(lhs2, rhs2, group_sizes, group_offset, **kw)).astype(out_dtype)
+  del precision
+  m, k = lhs.shape
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  cfg = _pick(config, "gmm_t" if transpose_rhs else "gmm", m, k, n,
+              rhs.shape[0], lhs.dtype)
+  return gmm_call(lhs, rhs, group_sizes, group_offset,
+                  transpose_rhs=transpose_rhs, out_dtype=out_dtype, cfg=cfg,
+                  second=(lhs2, rhs2))
 
 
 def tgmm(lhs, dy, group_sizes, group_offset, *, num_local: int, out_dtype,
