@@ -78,6 +78,32 @@ def category(op_name: str | None) -> str:
   return "other (unscoped)"
 
 
+def idle_gaps(events, names, top: int = 15) -> dict:
+  """Device idle time in the trace: the gaps between one kernel's end and the
+  next one's start on the same stream (the traced steps run back to back,
+  unblocked), summed over streams and per the kernel that follows the gap, so a
+  launch-bound or host-synchronised stretch shows as the ops it stalls."""
+  by_line = collections.defaultdict(list)
+  for name, hlo_op, dur, line, start in events:
+    by_line[line].append((start, dur, name, hlo_op))
+  idle, span, after = 0, 0, collections.defaultdict(lambda: [0, 0])
+  for evs in by_line.values():
+    evs.sort()
+    span = max(span, evs[-1][0] + evs[-1][1] - evs[0][0])
+    end = evs[0][0] + evs[0][1]
+    for start, dur, name, hlo_op in evs[1:]:
+      gap = start - end
+      if gap > 0:
+        idle += gap
+        op = op_name_of(name, hlo_op, names) or ""
+        k = after[f"{category(op)} | {name}"]
+        k[0] += gap
+        k[1] += 1
+      end = max(end, start + dur)
+  ranked = sorted(after.items(), key=lambda kv: -kv[1][0])[:top]
+  return dict(idle_ns=idle, span_ns=span, top=[(k, tuple(v)) for k, v in ranked])
+
+
 def _parse_value(current, text: str):
   """A --set value in the type of the field's current value (a None field: an
   int, else a float, else the string)."""
@@ -188,6 +214,7 @@ def main(argv=None) -> dict:
     k[2] = k[2] or op_name
   busy = sum(by_cat.values())
   per = args.trace_steps
+  gaps = idle_gaps(events, names)
   table = sorted(((c, v / per / 1e6, v / busy) for c, v in by_cat.items()),
                  key=lambda r: -r[1])
   kernels = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]
@@ -212,6 +239,11 @@ def main(argv=None) -> dict:
       device_busy_ms_per_step=round(busy / per / 1e6, 2),
       device_busy_fraction_of_step=round(busy / per / 1e9 / step_s, 3),
       memory_gb=mem, trace_lines=lines,
+      trace_span_ms_per_step=round(gaps["span_ns"] / per / 1e6, 2),
+      idle_ms_per_step=round(gaps["idle_ns"] / per / 1e6, 2),
+      idle_top=[dict(before=k[:160], ms_per_step=round(v / per / 1e6, 3),
+                     gaps_per_step=c / per)
+                for k, (v, c) in gaps["top"]],
       unattributed_top=[dict(event=k[:160], ms_per_step=round(v / per / 1e6, 3))
                         for k, v in unattributed.most_common(10)],
       time_by_scope=[dict(scope=c, ms_per_step=round(ms, 3),
@@ -222,7 +254,10 @@ def main(argv=None) -> dict:
   print(f"step {out['step_ms_median']} ms, {out['tokens_per_s']} tokens/s,"
         f" MFU {out['mfu_vs_peak']} of peak, {out['mfu_vs_measured_matmul']} of"
         f" the measured matmul ({mm['tflops']:.0f} TFLOP/s); device busy"
-        f" {out['device_busy_fraction_of_step']:.0%} of the step")
+        f" {out['device_busy_fraction_of_step']:.0%} of the step; traced steps:"
+        f" {out['trace_span_ms_per_step']} ms span, {out['idle_ms_per_step']} ms idle")
+  for r in out["idle_top"][:8]:
+    print(f"  idle {r['ms_per_step']:8.3f} ms x{r['gaps_per_step']:<6g} before {r['before']}")
   for r in out["time_by_scope"]:
     print(f"  {r['scope']:<46} {r['ms_per_step']:9.3f} ms  {r['fraction']:6.1%}")
   print("top kernels:")
