@@ -319,32 +319,17 @@ def profile_call(fn, args, n_sets: int, iters: int = 3, top: int = 25) -> dict:
     k[0] += dur
     k[1] += 1
   ms = lambda ns: round(ns / iters / 1e6, 4)
+  idle = profiling.idle_gaps(events)
   # The last iteration's kernels of >= 20 us in launch order: per-product times.
   t_end = max(t + d for _, _, d, t in events)
-  span = (t_end - min(t for *_, t in events)) / iters
+  span = idle["span_ns"] / iters
   timeline = [dict(kernel=n[:60], us=round(d / 1e3, 1), op_name=(o or "")[-120:])
               for n, o, d, t in events if t >= t_end - 1.05 * span and d >= 20_000]
-  # Idle device time inside the traced span (the union of kernel intervals
-  # against the span), and the largest gaps with the kernels around them.
-  t0 = min(t for *_, t in events)
-  busy_union, cur_s, cur_e, gaps = 0, None, None, []
-  prev = None
-  for n, o, d, t in events:
-    if cur_e is None or t > cur_e:
-      if cur_e is not None:
-        busy_union += cur_e - cur_s
-        gaps.append((t - cur_e, prev, n, o))
-      cur_s, cur_e = t, t + d
-    else:
-      cur_e = max(cur_e, t + d)
-    prev = n
-  busy_union += cur_e - cur_s
-  gaps.sort(key=lambda g: -g[0])
   return dict(
-      span_ms=round((t_end - t0) / iters / 1e6, 4),
-      idle_ms=round((t_end - t0 - busy_union) / iters / 1e6, 4),
+      span_ms=round(idle["span_ns"] / iters / 1e6, 4),
+      idle_ms=round(idle["idle_ns"] / iters / 1e6, 4),
       top_gaps=[dict(us=round(g / 1e3, 1), after=a[:50], before=b[:50],
-                     before_op=(o or "")[-100:]) for g, a, b, o in gaps[:12]],
+                     before_op=(o or "")[-100:]) for g, a, b, o in idle["gaps"][:12]],
       timeline_last_iteration=timeline,
       device_busy_ms=ms(sum(by_stage.values())),
       by_stage={k: ms(v) for k, v in by_stage.most_common()},

@@ -100,3 +100,27 @@ def trace_events(run, names: dict[str, str], trace_dir: str | None = None):
   events, _ = device_events(trace_dir)
   return sorted(((n, op_name_of(n, h, names), d, t) for n, h, d, _, t in events),
                 key=lambda e: e[3])
+
+
+def idle_gaps(events) -> dict:
+  """Idle device time of a trace: its span less the union of the kernels'
+  intervals (all streams together), and every gap between two busy stretches as
+  (ns, kernel before it, kernel after it, the after kernel's op_name), largest
+  first. `events`: (name, op_name, duration_ns, start_ns), any order."""
+  evs = sorted(events, key=lambda e: e[3])
+  if not evs:
+    return dict(span_ns=0, idle_ns=0, gaps=[])
+  t0, t_end = evs[0][3], max(t + d for _, _, d, t in evs)
+  busy, cur_s, cur_e, prev, gaps = 0, None, None, None, []
+  for name, op_name, dur, start in evs:
+    if cur_e is None or start > cur_e:
+      if cur_e is not None:
+        busy += cur_e - cur_s
+        gaps.append((start - cur_e, prev, name, op_name))
+      cur_s, cur_e = start, start + dur
+    else:
+      cur_e = max(cur_e, start + dur)
+    prev = name
+  busy += cur_e - cur_s
+  gaps.sort(key=lambda g: -g[0])
+  return dict(span_ns=t_end - t0, idle_ns=t_end - t0 - busy, gaps=gaps)

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
 import lm_data  # noqa: E402
 import train_lm  # noqa: E402
 
+from benchmarks import profiling  # noqa: E402
 from benchmarks.profiling import (  # noqa: E402
     device_events, disable_command_buffers, hlo_op_names, op_name_of)
 
@@ -78,30 +79,20 @@ def category(op_name: str | None) -> str:
   return "other (unscoped)"
 
 
-def idle_gaps(events, names, top: int = 15) -> dict:
-  """Device idle time in the trace: the gaps between one kernel's end and the
-  next one's start on the same stream (the traced steps run back to back,
-  unblocked), summed over streams and per the kernel that follows the gap, so a
+def idle_by_kernel(events, names, top: int = 15) -> dict:
+  """Device idle time in the trace (`profiling.idle_gaps`: the traced steps run
+  back to back, unblocked), each gap charged to the kernel that follows it, so a
   launch-bound or host-synchronised stretch shows as the ops it stalls."""
-  by_line = collections.defaultdict(list)
-  for name, hlo_op, dur, line, start in events:
-    by_line[line].append((start, dur, name, hlo_op))
-  idle, span, after = 0, 0, collections.defaultdict(lambda: [0, 0])
-  for evs in by_line.values():
-    evs.sort()
-    span = max(span, evs[-1][0] + evs[-1][1] - evs[0][0])
-    end = evs[0][0] + evs[0][1]
-    for start, dur, name, hlo_op in evs[1:]:
-      gap = start - end
-      if gap > 0:
-        idle += gap
-        op = op_name_of(name, hlo_op, names) or ""
-        k = after[f"{category(op)} | {name}"]
-        k[0] += gap
-        k[1] += 1
-      end = max(end, start + dur)
+  idle = profiling.idle_gaps(
+      [(n, op_name_of(n, h, names), d, t) for n, h, d, _, t in events])
+  after = collections.defaultdict(lambda: [0, 0])
+  for gap, _, name, op_name in idle["gaps"]:
+    k = after[f"{category(op_name)} | {name}"]
+    k[0] += gap
+    k[1] += 1
   ranked = sorted(after.items(), key=lambda kv: -kv[1][0])[:top]
-  return dict(idle_ns=idle, span_ns=span, top=[(k, tuple(v)) for k, v in ranked])
+  return dict(idle_ns=idle["idle_ns"], span_ns=idle["span_ns"],
+              top=[(k, tuple(v)) for k, v in ranked])
 
 
 def _parse_value(current, text: str):
@@ -214,7 +205,7 @@ def main(argv=None) -> dict:
     k[2] = k[2] or op_name
   busy = sum(by_cat.values())
   per = args.trace_steps
-  gaps = idle_gaps(events, names)
+  gaps = idle_by_kernel(events, names)
   table = sorted(((c, v / per / 1e6, v / busy) for c, v in by_cat.items()),
                  key=lambda r: -r[1])
   kernels = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]
