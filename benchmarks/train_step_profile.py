@@ -43,9 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
 import lm_data  # noqa: E402
 import train_lm  # noqa: E402
 
-from benchmarks import profiling  # noqa: E402
 from benchmarks.profiling import (  # noqa: E402
-    device_events, disable_command_buffers, hlo_op_names, op_name_of)
+    device_events, disable_command_buffers, hlo_op_names, idle_gaps, op_name_of)
 
 # Scope -> table row, first match wins (most specific first).
 CATEGORIES = (
@@ -80,11 +79,10 @@ def category(op_name: str | None) -> str:
 
 
 def idle_by_kernel(events, names, top: int = 15) -> dict:
-  """Device idle time in the trace (`profiling.idle_gaps`: the traced steps run
-  back to back, unblocked), each gap charged to the kernel that follows it, so a
+  """Device idle time in the trace (`idle_gaps`: the traced steps run back to
+  back, unblocked), each gap charged to the kernel that follows it, so a
   launch-bound or host-synchronised stretch shows as the ops it stalls."""
-  idle = profiling.idle_gaps(
-      [(n, op_name_of(n, h, names), d, t) for n, h, d, _, t in events])
+  idle = idle_gaps([(n, op_name_of(n, h, names), d, t) for n, h, d, _, t in events])
   after = collections.defaultdict(lambda: [0, 0])
   for gap, _, name, op_name in idle["gaps"]:
     k = after[f"{category(op_name)} | {name}"]
